@@ -43,7 +43,8 @@ from fastbn._kernels.partial import input_grad as _input_grad
 from fastbn._kernels.partial import partial_stats as _partial_stats
 from fastbn._validate import (Layout, as_input, channel_vector, check_eps, copy_back, like_x,
                               normalize_axis, output_buffer, resolve_layout, running_pair)
-from fastbn.functional import BackwardResult, TrainStats, _pick
+from fastbn._dispatch import pick as _pick
+from fastbn.functional import BackwardResult, TrainStats
 from fastbn.layer import BatchNorm, _Saved
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm_train", "sync_batch_norm_backward", "check_comm"]

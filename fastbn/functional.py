@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numba
 import numpy as np
 
+from fastbn._dispatch import pick as _pick
 from fastbn._kernels.backward import backward as _backward
 from fastbn._kernels.forward import infer_forward as _infer_forward
 from fastbn._kernels.forward import train_forward as _train_forward
 from fastbn._validate import (as_input, channel_vector, check_eps, copy_back, like_x, normalize_axis,
                               output_buffer, resolve_layout, running_pair)
-
-# Below this many elements the serial kernel runs: a parallel region costs more than it saves there.
-SERIAL_MAX_ELEMS = 1 << 15
 
 _NO_RUNNING = np.empty(0)
 
@@ -39,12 +36,6 @@ class BackwardResult(NamedTuple):
     dx: np.ndarray
     dgamma: np.ndarray
     dbeta: np.ndarray
-
-
-def _pick(kernel, size: int):
-    if size < SERIAL_MAX_ELEMS or numba.get_num_threads() == 1:
-        return kernel.serial
-    return kernel.parallel
 
 
 def _running_for_kernel(v: np.ndarray) -> np.ndarray:

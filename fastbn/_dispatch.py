@@ -1,0 +1,87 @@
+"""Which compiled variant of a kernel runs a call: the one place that chooses ``.serial`` or ``.parallel``.
+
+Every public wrapper calls ``pick(kernel, size)(*args)``. The serial variant runs when
+
+- the input is small (``size < SERIAL_MAX_ELEMS``): a parallel region costs more than it saves there;
+- the calling thread has one Numba thread (``numba.set_num_threads(1)``);
+- this process is a fork child of a process whose OpenMP thread pool was running: GNU OpenMP is not
+  fork-safe (Numba terminates such a child with "fork() called from a process already using GNU
+  OpenMP", and a ``multiprocessing`` pool waiting for it hangs). A ``torch`` DataLoader worker or a
+  ``multiprocessing`` fork pool therefore runs the serial kernels: the same bits, one core each.
+
+Under Numba's ``workqueue`` threading layer (what Numba falls back to without libgomp or TBB), two
+threads launching parallel regions at once abort the process ("Concurrent access has been detected").
+There a lock admits one parallel call at a time; a call that finds the lock taken runs the serial
+kernel in its own thread instead of waiting (same bits, see ``fastbn._jit.Kernel``). The layer is
+known once Numba's thread pool has started; the first large call starts it (``numba.get_num_threads``).
+
+Fork children are recognized through Python's at-fork hook (``os.fork``, ``multiprocessing``, a
+torch DataLoader; not a fork from C code that bypasses ``PyOS_AfterFork_Child``). Cost: a small call
+pays one comparison; a large one ~0.7 us for ``numba.get_num_threads()``, as before this module.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Any, Callable
+
+import numba
+
+# Below this many elements the serial kernel runs: a parallel region costs more than it saves there
+# (entering one costs ~1.5 us with the OpenMP layer, 25-90 us with workqueue).
+SERIAL_MAX_ELEMS = 1 << 15
+
+# Parallel calls may launch freely: the layer is known and allows concurrent launches (omp, tbb).
+# False until checked, and again in every fork child (which then takes _pick_slow).
+_free = False
+# Set in a fork child when the parent's OpenMP pool was running: no OpenMP in this process.
+_forked_from_omp = False
+# One parallel call at a time under the workqueue layer.
+_pool_lock = threading.Lock()
+
+
+def pick(kernel: Any, size: int) -> Callable:
+    """The variant of ``kernel`` (a :class:`fastbn._jit.Kernel`) to run on an input of ``size`` elements."""
+    if size < SERIAL_MAX_ELEMS:
+        return kernel.serial
+    if _free:
+        return kernel.serial if numba.get_num_threads() == 1 else kernel.parallel
+    return _pick_slow(kernel)
+
+
+def _pick_slow(kernel: Any) -> Callable:
+    global _free
+    if _forked_from_omp:
+        return kernel.serial
+    threads = numba.get_num_threads()  # starts Numba's thread pool: the layer is known from here on
+    if numba.threading_layer() != "workqueue":
+        _free = True
+        return kernel.serial if threads == 1 else kernel.parallel
+    if threads == 1:
+        return kernel.serial
+    return functools.partial(_one_at_a_time, kernel)
+
+
+def _one_at_a_time(kernel: Any, *args):
+    if not _pool_lock.acquire(blocking=False):
+        return kernel.serial(*args)  # another thread holds the pool: run here, same bits
+    try:
+        return kernel.parallel(*args)
+    finally:
+        _pool_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _free, _forked_from_omp, _pool_lock
+    _free = False
+    _pool_lock = threading.Lock()  # a fork while another thread held it leaves it locked forever
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # the parent never started a thread pool: this child may start its own
+        return
+    if layer == "omp":
+        _forked_from_omp = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
