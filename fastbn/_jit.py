@@ -12,61 +12,34 @@ Every kernel is a plain Python function of loops, decorated here:
   (``parallel=True``) and ``.serial`` (``prange`` runs as ``range``). Small inputs take the serial one:
   entering a parallel region costs ~1.5 us with the OpenMP layer and 25-90 us with workqueue.
 
-All use Numba's on-disk cache and lazy compilation: ``import fastbn`` compiles nothing.
-
-Numba stamps a cache entry with a hash of the function's own source file only, but a kernel's machine
-code inlines helpers from other files: after an edit of ``common.py``, ``forward.py``'s cached kernels
-silently kept the old loops (seen while tuning: a 10x speed-up did not show until the cache was
-cleared). So fastbn's dispatchers use a cache whose stamp also covers every source file of
-``fastbn/_kernels``.
+All use Numba's on-disk cache and lazy compilation: ``import fastbn`` compiles nothing. Where that cache
+is read and written (a read-only installation included) and how its entries are stamped with every
+kernel source file: ``fastbn/_cache.py``.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import pathlib
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numba
 
+from fastbn._cache import tree_cache_class
+
 _REDUCTION_FLAGS = {"reassoc"}
-_KERNEL_DIR = pathlib.Path(__file__).parent / "_kernels"
-
-
-@functools.lru_cache(maxsize=1)
-def _kernel_tree_digest() -> str:
-    h = hashlib.sha256()
-    for path in sorted(_KERNEL_DIR.glob("*.py")) + [pathlib.Path(__file__)]:
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def _tree_cache_class():
-    """A numba FunctionCache whose source stamp includes the digest of all kernel sources."""
-    from numba.core.caching import CompileResultCacheImpl, FunctionCache
-
-    class _TreeCacheImpl(CompileResultCacheImpl):
-        def __init__(self, py_func):
-            super().__init__(py_func)
-            own_stamp = self._locator.get_source_stamp
-            self._locator.get_source_stamp = lambda: (own_stamp(), _kernel_tree_digest())
-
-    class _TreeCache(FunctionCache):
-        _impl_class = _TreeCacheImpl
-
-    return _TreeCache
 
 
 def _jit(fn: Callable, **options):
+    disp = numba.njit(**options)(fn)
     try:
-        cache_cls = _tree_cache_class()
-        disp = numba.njit(**options)(fn)
-        disp._cache = cache_cls(disp.py_func)
-    except (ImportError, AttributeError, TypeError):  # numba internals moved: per-file stamps only
-        disp = numba.njit(cache=True, **options)(fn)
+        disp._cache = tree_cache_class()(disp.py_func)
+    except (ImportError, AttributeError, TypeError):  # numba internals moved: numba's own cache
+        try:
+            disp.enable_caching()
+        except RuntimeError:  # no writable cache directory: uncached
+            pass
+    except RuntimeError:  # no source file to stamp the cache with: uncached
+        pass
     return disp
 
 
