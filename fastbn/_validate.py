@@ -32,14 +32,14 @@ def _constant_vector(C: int, value: float) -> np.ndarray:
 
 
 def as_input(x, name: str) -> np.ndarray:
-    """An x-like input: a float32/float64 ndarray with at least 2 dims."""
+    """An x-like input: a float32/float64 ndarray with at least 2 dims (an ndarray subclass such as
+    np.matrix or np.memmap is viewed as a plain ndarray, without a copy)."""
     if type(x) is np.ndarray and (x.dtype is _F32 or x.dtype is _F64) and x.ndim >= 2:
         return x
-    if not isinstance(x, np.ndarray):
-        if np.isscalar(x) or x is None:
-            raise TypeError(f"{name} must be an array with at least 2 dimensions (batch, channels, ...), "
-                            f"got {type(x).__name__}")
-        x = np.asarray(x)
+    if not isinstance(x, np.ndarray) and (np.isscalar(x) or x is None):
+        raise TypeError(f"{name} must be an array with at least 2 dimensions (batch, channels, ...), "
+                        f"got {type(x).__name__}")
+    x = np.asarray(x)
     dt = x.dtype
     if dt not in _KERNEL_DTYPES:
         if dt.kind == "f" and dt.itemsize in (4, 8):  # non-native byte order
@@ -61,8 +61,13 @@ def like_x(arr, name: str, x: np.ndarray) -> np.ndarray:
     return arr
 
 
-def running_pair(running_mean, running_var, momentum, C: int) -> tuple[bool, float]:
-    """Check optional running statistics updated in place: (update?, momentum as a float)."""
+def running_pair(running_mean, running_var, momentum, C: int, x: np.ndarray,
+                 out: np.ndarray | None) -> tuple[bool, float]:
+    """Check optional running statistics updated in place: (update?, momentum as a float).
+
+    They must not share memory with each other, with ``x`` or with ``out``: the call would overwrite
+    what it still reads, or leave one statistic's update in the other.
+    """
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if running_mean is None:
@@ -70,7 +75,43 @@ def running_pair(running_mean, running_var, momentum, C: int) -> tuple[bool, flo
     momentum = check_momentum(momentum)
     running_vector(running_mean, "running_mean", C)
     running_vector(running_var, "running_var", C)
+    if overlaps(running_mean, running_var):
+        raise ValueError("running_mean and running_var share memory; they are updated in place and must be "
+                         "separate arrays")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        if overlaps(v, x) or (isinstance(out, np.ndarray) and overlaps(v, out)):
+            raise ValueError(f"{name} shares memory with x or out; it is updated in place and must be a "
+                             "separate array")
     return True, momentum
+
+
+def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays share memory (exact). Arrays that own their memory are told apart in ~50 ns
+    (the tiny case's whole call is ~6 us); views take ``np.may_share_memory`` / ``np.shares_memory``."""
+    if a is b:
+        return True
+    if a.base is None and b.base is None:
+        return False
+    return bool(np.may_share_memory(a, b)) and bool(np.shares_memory(a, b))
+
+
+def unaliased(vectors: tuple, *written) -> tuple:
+    """Per-channel vectors a kernel reads, each copied if it shares memory with an array the call
+    writes (``out=``, running statistics; None ignored): the kernel would read values it has
+    already overwritten. Copying a (C,) vector costs far less than the call."""
+    written = [w for w in written if isinstance(w, np.ndarray)]  # others are refused later, by name
+    if not written:
+        return vectors
+    return tuple(v.copy() if any(overlaps(v, w) for w in written) else v for v in vectors)
+
+
+def check_running_var(rv: np.ndarray, eps: float, name: str = "running_var") -> None:
+    """``rv + eps > 0`` for every channel (rv: float64 (C,)), else ValueError naming the channel."""
+    if rv.shape[0]:
+        i = int(rv.argmin())  # ~0.4 us where (rv + eps <= 0).any() costs ~2 us on the tiny case
+        if rv[i] + eps <= 0:
+            raise ValueError(f"{name} + eps must be positive (a variance); channel {i} has "
+                             f"{name}={float(rv[i])!r}, eps={eps!r}")
 
 
 def normalize_axis(axis, ndim: int) -> int:
@@ -84,25 +125,40 @@ def normalize_axis(axis, ndim: int) -> int:
     return axis % ndim
 
 
+def real_number(v, name: str, expected: str) -> float:
+    """``float(v)`` for a real number (not a bool); an int too large for a float is a ValueError."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(v).__name__}")
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be {expected}, got {v!r:.40} (too large for a float)") from None
+
+
 def check_eps(eps) -> float:
     if type(eps) is float and 0.0 < eps < math.inf:
         return eps
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
-    eps = float(eps)
+    eps = real_number(eps, "eps", "a positive float")
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite float, got {eps}")
     return eps
 
 
-def check_momentum(momentum) -> float:
+def check_flag(v, name: str) -> bool:
+    """A bool argument: True/False (or a NumPy bool); anything else, a string in particular, is refused."""
+    if v is True or v is False:
+        return v
+    if isinstance(v, np.bool_):
+        return bool(v)
+    raise TypeError(f"{name} must be True or False, got {v!r}")
+
+
+def check_momentum(momentum, name: str = "momentum") -> float:
     if type(momentum) is float and 0.0 <= momentum <= 1.0:
         return momentum
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float in [0, 1], got {type(momentum).__name__}")
-    momentum = float(momentum)
+    momentum = real_number(momentum, name, "a float in [0, 1]")
     if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        raise ValueError(f"{name} must be in [0, 1], got {momentum}")
     return momentum
 
 
@@ -192,6 +248,9 @@ def output_buffer(out, name: str, layout: Layout, dtype, inputs: tuple) -> tuple
         return y, layout.view(y), False
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
+    result = out
+    if type(out) is not np.ndarray:  # np.matrix, np.memmap: the kernel writes through a plain view
+        out = np.asarray(out)
     if out.shape != layout.shape:
         raise ValueError(f"{name} must have shape {layout.shape}, got {out.shape}")
     if out.dtype != dtype:
@@ -207,12 +266,13 @@ def output_buffer(out, name: str, layout: Layout, dtype, inputs: tuple) -> tuple
             raise ValueError(f"{name} partially overlaps an input; pass a separate buffer or the input itself")
     t = out if layout.order is None else out.transpose(layout.order)
     if t.flags.c_contiguous:
-        return out, t.reshape(layout.A, layout.C, layout.B), False
-    return out, np.empty((layout.A, layout.C, layout.B), dtype), True
+        return result, t.reshape(layout.A, layout.C, layout.B), False
+    return result, np.empty((layout.A, layout.C, layout.B), dtype), True
 
 
 def copy_back(out: np.ndarray, y3: np.ndarray, layout: Layout) -> None:
     """Copy a temporary (A, C, B) result into ``out`` (whose layout differed from the inputs')."""
     tshape = layout.shape if layout.order is None else tuple(layout.shape[i] for i in layout.order)
+    out = np.asarray(out)
     t = out if layout.order is None else out.transpose(layout.order)
     np.copyto(t, y3.reshape(tshape))

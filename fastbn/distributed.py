@@ -41,8 +41,8 @@ from fastbn._kernels.fused import apply_act as _apply_act
 from fastbn._kernels.partial import grad_sums as _grad_sums
 from fastbn._kernels.partial import input_grad as _input_grad
 from fastbn._kernels.partial import partial_stats as _partial_stats
-from fastbn._validate import (Layout, as_input, channel_vector, check_eps, copy_back, like_x,
-                              normalize_axis, output_buffer, resolve_layout, running_pair)
+from fastbn._validate import (Layout, as_input, channel_vector, check_eps, check_flag, copy_back, like_x,
+                              normalize_axis, output_buffer, resolve_layout, running_pair, unaliased)
 from fastbn._dispatch import pick as _pick
 from fastbn.functional import BackwardResult, TrainStats
 from fastbn.layer import BatchNorm, _Saved
@@ -288,7 +288,8 @@ def sync_batch_norm_train(x, gamma, beta, comm, *, axis: int = 1, eps: float = 1
         n_local = lay.A * lay.B
         g = channel_vector(gamma, "gamma", C, 1.0)
         b = channel_vector(beta, "beta", C, 0.0)
-        _, momentum = running_pair(running_mean, running_var, momentum, C)
+        _, momentum = running_pair(running_mean, running_var, momentum, C, x, out)
+        g, b = unaliased((g, b), out)
         y, y3, copy = output_buffer(out, "out", lay, x.dtype, (x,))
         x3 = lay.view(x) if n_local else None
     except (TypeError, ValueError) as e:
@@ -348,6 +349,7 @@ def sync_batch_norm_backward(dy, x, mean, invstd, gamma, comm, *, axis: int = 1,
         m = channel_vector(mean, "mean", C)
         inv = channel_vector(invstd, "invstd", C)
         g = channel_vector(gamma, "gamma", C, 1.0)
+        m, inv, g = unaliased((m, inv, g), out)
         dx, dx3, copy = output_buffer(out, "out", lay, x.dtype, (x, dy))
         x3, dy3 = lay.view(x), lay.view(dy)
     except (TypeError, ValueError) as e:
@@ -425,7 +427,7 @@ class SyncBatchNorm(BatchNorm):
 
     def forward(self, x, residual=None, *, training: bool | None = None) -> np.ndarray:
         """As :meth:`fastbn.BatchNorm.forward`; collective over ``comm`` in training mode."""
-        training = self.training if training is None else bool(training)
+        training = self.training if training is None else check_flag(training, "training")
         if not training:
             self._sync_saved = False
             return super().forward(x, residual, training=False)

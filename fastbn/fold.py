@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fastbn._validate import check_flag, real_number
+
 __all__ = ["bn_to_affine", "fold_conv", "fold_dense", "fold_conv_keras", "fold_dense_keras",
            "fold_dense_before", "fold_conv_before"]
 
@@ -64,9 +66,7 @@ def _vector(name: str, value: Any, n: int, what: str, default: float | None = No
 
 
 def _check_eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
+    eps = real_number(eps, "eps", "a real number")
     if not np.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     return eps
@@ -235,7 +235,8 @@ def fold_conv(weight: Any, bias: Any, gamma: Any, beta: Any, mean: Any, var: Any
     groups = _check_groups(groups)
     w = _weight(weight, layout, 3, 32, "a convolution")
     return _fold_after(w, bias, gamma, beta, mean, var, eps,
-                       _channel_maps(w.shape, w.ndim - 2, layout, groups, bool(transposed), False))
+                       _channel_maps(w.shape, w.ndim - 2, layout, groups, check_flag(transposed, "transposed"),
+                                     False))
 
 
 def fold_conv_keras(kernel: Any, bias: Any, gamma: Any, beta: Any, mean: Any, var: Any,
@@ -257,8 +258,8 @@ def fold_conv_keras(kernel: Any, bias: Any, gamma: Any, beta: Any, mean: Any, va
     groups = _check_groups(groups)
     w = _weight(kernel, "keras", 3, 32, "a convolution")
     return _fold_after(w, bias, gamma, beta, mean, var, eps,
-                       _channel_maps(w.shape, w.ndim - 2, "keras", groups, bool(transposed),
-                                     bool(depthwise)))
+                       _channel_maps(w.shape, w.ndim - 2, "keras", groups,
+                                     check_flag(transposed, "transposed"), check_flag(depthwise, "depthwise")))
 
 
 def fold_dense(weight: Any, bias: Any, gamma: Any, beta: Any, mean: Any, var: Any, eps: float = 1e-5,
@@ -370,4 +371,5 @@ def fold_conv_before(weight: Any, bias: Any, gamma: Any, beta: Any, mean: Any, v
             "mean * gamma / sqrt(var + eps), so the folded layer would differ there. Fold only "
             "unpadded convolutions (or pad explicitly before the BN).")
     return _fold_before(w, bias, gamma, beta, mean, var, eps,
-                        _channel_maps(w.shape, n_kernel, layout, groups, False, bool(depthwise)))
+                        _channel_maps(w.shape, n_kernel, layout, groups, False,
+                                      check_flag(depthwise, "depthwise")))

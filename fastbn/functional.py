@@ -16,8 +16,8 @@ from fastbn._dispatch import pick as _pick
 from fastbn._kernels.backward import backward as _backward
 from fastbn._kernels.forward import infer_forward as _infer_forward
 from fastbn._kernels.forward import train_forward as _train_forward
-from fastbn._validate import (as_input, channel_vector, check_eps, copy_back, like_x, normalize_axis,
-                              output_buffer, resolve_layout, running_pair)
+from fastbn._validate import (as_input, channel_vector, check_eps, check_flag, check_running_var, copy_back,
+                              like_x, normalize_axis, output_buffer, resolve_layout, running_pair, unaliased)
 
 _NO_RUNNING = np.empty(0)
 
@@ -95,7 +95,8 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis: int = 1, eps: float = 1e
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
     g = channel_vector(gamma, "gamma", C, 1.0)
     b = channel_vector(beta, "beta", C, 0.0)
-    update, momentum = running_pair(running_mean, running_var, momentum, C)
+    update, momentum = running_pair(running_mean, running_var, momentum, C, x, out)
+    g, b = unaliased((g, b), out, running_mean, running_var)
     if update:
         rm = _running_for_kernel(running_mean)
         rv = _running_for_kernel(running_var)
@@ -151,8 +152,10 @@ def batch_norm_infer(x, running_mean, running_var, gamma=None, beta=None, *, axi
         raise ValueError(f"x is empty (shape {x.shape})")
     rm = channel_vector(running_mean, "running_mean", C)
     rv = channel_vector(running_var, "running_var", C)
+    check_running_var(rv, eps)
     g = channel_vector(gamma, "gamma", C, 1.0)
     b = channel_vector(beta, "beta", C, 0.0)
+    rm, rv, g, b = unaliased((rm, rv, g, b), out)
     y, y3, copy = output_buffer(out, "out", lay, x.dtype, (x,))
     _pick(_infer_forward, x.size)(lay.view(x), rm, rv, g, b, eps, y3)
     if copy:
@@ -203,10 +206,12 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis: int = 1, out: 
     m = channel_vector(mean, "mean", C)
     inv = channel_vector(invstd, "invstd", C)
     g = channel_vector(gamma, "gamma", C, 1.0)
+    frozen = check_flag(frozen, "frozen")
+    m, inv, g = unaliased((m, inv, g), out)
     dx, dx3, copy = output_buffer(out, "out", lay, x.dtype, (x, dy))
     dgamma = np.empty(C)
     dbeta = np.empty(C)
-    _pick(_backward, x.size)(lay.view(dy), lay.view(x), m, inv, g, dx3, dgamma, dbeta, bool(frozen))
+    _pick(_backward, x.size)(lay.view(dy), lay.view(x), m, inv, g, dx3, dgamma, dbeta, frozen)
     if copy:
         copy_back(dx, dx3, lay)
     return BackwardResult(dx, dgamma, dbeta)
@@ -230,7 +235,6 @@ def batch_norm_backward_frozen(dy, x, running_mean, running_var, gamma=None, *, 
     eps = check_eps(eps)
     C = x.shape[normalize_axis(axis, x.ndim)]
     rv = channel_vector(running_var, "running_var", C)
-    if (rv + eps <= 0).any():
-        raise ValueError("running_var + eps must be positive")
+    check_running_var(rv, eps)
     return batch_norm_backward(dy, x, running_mean, 1.0 / np.sqrt(rv + eps), gamma, axis=axis, out=out,
                                frozen=True)

@@ -17,8 +17,8 @@ import numpy as np
 from fastbn._kernels.fused import apply_act as _apply_act
 from fastbn._kernels.fused import backward_act as _backward_act
 from fastbn._kernels.fused import train_forward_act as _train_forward_act
-from fastbn._validate import (as_input, channel_vector, check_eps, copy_back, like_x, normalize_axis,
-                              output_buffer, resolve_layout, running_pair)
+from fastbn._validate import (as_input, channel_vector, check_eps, check_flag, check_running_var, copy_back,
+                              like_x, normalize_axis, output_buffer, resolve_layout, running_pair, unaliased)
 from fastbn._dispatch import pick as _pick
 from fastbn.functional import TrainStats
 
@@ -177,7 +177,8 @@ def batch_norm_relu_train(x, gamma=None, beta=None, *, residual=None, axis: int 
     g = channel_vector(gamma, "gamma", C, 1.0)
     b = channel_vector(beta, "beta", C, 0.0)
     res = None if residual is None else like_x(residual, "residual", x)
-    update, momentum = running_pair(running_mean, running_var, momentum, C)
+    update, momentum = running_pair(running_mean, running_var, momentum, C, x, out)
+    g, b = unaliased((g, b), out, running_mean, running_var)
     f = train_core(x, axis, g, b, eps, res, True, out)
     if update:
         ema_update(running_mean, f.mean, momentum)
@@ -220,8 +221,8 @@ def batch_norm_relu_infer(x, running_mean, running_var, gamma=None, beta=None, *
     rv = channel_vector(running_var, "running_var", C)
     g = channel_vector(gamma, "gamma", C, 1.0)
     b = channel_vector(beta, "beta", C, 0.0)
-    if (rv + eps <= 0).any():
-        raise ValueError("running_var + eps must be positive")
+    check_running_var(rv, eps)
+    rm, b = unaliased((rm, b), out)
     res = None if residual is None else like_x(residual, "residual", x)
     return apply_core(x, axis, rm, g / np.sqrt(rv + eps), b, res, True, out)
 
@@ -272,5 +273,6 @@ def batch_norm_relu_backward(dy, x, y, mean, invstd, gamma=None, *, axis: int = 
     m = channel_vector(mean, "mean", C)
     inv = channel_vector(invstd, "invstd", C)
     g = channel_vector(gamma, "gamma", C, 1.0)
-    want = bool(residual) or residual_out is not None
-    return backward_core(dy, x, y, axis, m, inv, g, out, want, residual_out, bool(frozen))
+    m, inv, g = unaliased((m, inv, g), out, residual_out)
+    want = check_flag(residual, "residual") or residual_out is not None
+    return backward_core(dy, x, y, axis, m, inv, g, out, want, residual_out, check_flag(frozen, "frozen"))

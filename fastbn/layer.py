@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastbn._validate import as_input, check_eps, check_momentum, like_x, normalize_axis, resolve_layout
+from fastbn._validate import (as_input, check_eps, check_flag, check_momentum, check_running_var, like_x,
+                              normalize_axis, real_number, resolve_layout)
 from fastbn.fused import apply_core, backward_core, ema_update, train_core
 
 __all__ = ["BatchNorm"]
@@ -82,9 +83,9 @@ def _clip_arg(clipping) -> tuple[dict, np.ndarray]:
     for k, v in clipping.items():
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or np.isnan(v):
-            raise TypeError(f"renorm_clipping[{k!r}] must be a number or None, got {v!r}")
-        vals[k] = float(v)
+        vals[k] = real_number(v, f"renorm_clipping[{k!r}]", "a number or None")
+        if np.isnan(vals[k]):
+            raise ValueError(f"renorm_clipping[{k!r}] must be a number or None, got {v!r}")
     rmin, rmax, dmax = vals.get("rmin", 0.0), vals.get("rmax", np.inf), vals.get("dmax", np.inf)
     if rmax <= 0 or rmin > rmax:
         raise ValueError(f"renorm_clipping needs 0 < rmax and rmin <= rmax, got rmin={rmin}, rmax={rmax}")
@@ -175,18 +176,19 @@ class BatchNorm:
         if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype must be float32 or float64, got {dt}")
         self.dtype = dt
-        self.center = bool(affine) if center is None else bool(center)
-        self.scale = bool(affine) if scale is None else bool(scale)
+        affine = check_flag(affine, "affine")
+        self.center = affine if center is None else check_flag(center, "center")
+        self.scale = affine if scale is None else check_flag(scale, "scale")
         self.affine = self.center and self.scale
-        self.track_running_stats = bool(track_running_stats)
+        self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
         if activation not in (None, "relu"):
             raise ValueError(f"activation must be None or 'relu', got {activation!r}")
         self.activation = activation
-        self.renorm = bool(renorm)
+        self.renorm = check_flag(renorm, "renorm")
         self.renorm_clipping, self._clip = _clip_arg(renorm_clipping)
         if renorm_momentum is None:
             renorm_momentum = 0.99 if convention == "keras" else 0.01
-        self.renorm_momentum = check_momentum(renorm_momentum)
+        self.renorm_momentum = check_momentum(renorm_momentum, "renorm_momentum")
         if self.renorm and not self.track_running_stats:
             raise ValueError("renorm=True needs track_running_stats=True (r and d use moving statistics)")
         self.virtual_batch_size = (None if virtual_batch_size is None
@@ -244,7 +246,7 @@ class BatchNorm:
     # ----------------------------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> "BatchNorm":
         """Set training mode (batch statistics, running statistics updated); returns self."""
-        self.training = bool(mode)
+        self.training = check_flag(mode, "mode")
         return self
 
     def eval(self) -> "BatchNorm":
@@ -280,13 +282,15 @@ class BatchNorm:
             raise ValueError(f"x has {x.shape[axis]} channels along axis {self.axis} (shape {x.shape}); this "
                              f"BatchNorm has num_features={C}")
         res = None if residual is None else like_x(residual, "residual", x)
-        training = self.training if training is None else bool(training)
+        training = self.training if training is None else check_flag(training, "training")
         g = np.ones(C) if self.gamma is None else self.gamma.astype(_F64)
         b = np.zeros(C) if self.beta is None else self.beta.astype(_F64)
         relu = self.activation == "relu"
         if not (training or not self.track_running_stats):
             rm = self.running_mean.astype(_F64)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(_F64) + self.eps)
+            rv = self.running_var.astype(_F64)
+            check_running_var(rv, self.eps)
+            invstd = 1.0 / np.sqrt(rv + self.eps)
             y = apply_core(x, axis, rm, g * invstd, b, res, relu, None)
             self._saved = _Saved(x, y if relu else None, axis, None, rm[None], invstd[None], None, None, g,
                                  True, res is not None)

@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from fastbn._validate import normalize_axis
+from fastbn._validate import check_flag, normalize_axis
 from fastbn.stats import Stats, _merge_pair, partial_stats
 
 __all__ = ["PopulationStats", "precise_statistics", "update_bn_stats"]
@@ -141,6 +141,7 @@ def precise_statistics(batches: Iterable, *, axis: int = 1, unbiased: bool = Fal
                         f"{type(batches).__name__}; wrap a single array in a list")
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 0):
         raise ValueError(f"max_batches must be a non-negative int or None, got {max_batches!r}")
+    unbiased = check_flag(unbiased, "unbiased")
     acc = _Accumulator(axis, "precise_statistics")
     err = None
     try:
