@@ -13,9 +13,14 @@ Protocol (every rank must make the same calls in the same order; each call is co
 - backward: each rank computes ``sum(dy)`` and ``sum(dy * (x - mean))``, the ranks all-gather them and
   every rank sums them in rank order; dx uses the global sums and the global count.
 
-Communication per call is ``P * (24 + 16 * C)`` bytes received per rank: O(C), independent of the batch.
-Invalid input on one rank (a wrong shape, a different channel count) is detected in the header exchange
-and raises on *every* rank instead of leaving the others waiting in a collective.
+Communication per call is ``P * (32 + 16 * C)`` bytes received per rank: O(C), independent of the batch.
+Any failure on one rank before the collective (invalid input, a different channel count, a
+RuntimeError from a tensor that requires grad, a MemoryError) is sent in the header exchange and raises
+on *every* rank instead of leaving the others waiting in a collective: the failing rank raises its own
+error, the others a ValueError naming it. The header also carries an operation tag, so ranks that are
+in different calls (one in the forward, another in the backward) raise on every rank instead of
+merging unrelated sums. Launch MPI jobs with ``mpiexec -n P python -m mpi4py script.py``: then an
+exception that the script does not catch aborts the whole job instead of leaving the other ranks hung.
 
 ``comm`` is an mpi4py intracommunicator (e.g. ``MPI.COMM_WORLD``), or any object with ``Get_rank()``,
 ``Get_size()`` and mpi4py's buffer ``Allgather(sendbuf, recvbuf)`` on NumPy arrays (an adapter over
@@ -49,7 +54,22 @@ from fastbn.layer import BatchNorm, _Saved
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm_train", "sync_batch_norm_backward", "check_comm"]
 
-_HEADER = 3  # int64 [ok, C, count] per rank
+_HEADER = 4  # int64 [ok, C, count, tag] per rank
+
+# Operation tags (low byte of the header's tag; update_bn_stats adds its layer index and count above)
+OP_FORWARD, OP_BACKWARD, OP_PRECISE = 1, 2, 3
+_OP_NAMES = {OP_FORWARD: "a training forward", OP_BACKWARD: "a backward", OP_PRECISE: "precise statistics"}
+
+
+def op_tag(op: int, part: int = 0, parts: int = 1) -> int:
+    """The header tag of collective ``op`` (one of ``OP_*``), for part ``part`` of ``parts``."""
+    return op | part << 8 | parts << 32
+
+
+def _describe(tag: int) -> str:
+    name = _OP_NAMES.get(tag & 0xFF, f"operation {tag & 0xFF}")
+    parts = tag >> 32
+    return name if parts <= 1 else f"{name} (layer {(tag >> 8) & 0xFFFFFF} of {parts})"
 
 
 def check_comm(comm: Any, name: str = "comm") -> Any:
@@ -82,21 +102,21 @@ def check_comm(comm: Any, name: str = "comm") -> Any:
 
 
 def exchange(comm: Any, what: str, error: BaseException | None, C: int | None, count: int,
-             payload: np.ndarray | None, rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """All-gather a header ``[ok, C, count]`` and then a ``(rows, C)`` float64 payload from every rank.
+             payload: np.ndarray | None, rows: int = 2, *, tag: int) -> tuple[np.ndarray, np.ndarray]:
+    """All-gather a header ``[ok, C, count, tag]`` and then a ``(rows, C)`` float64 payload from every rank.
 
-    Collective. If any rank reports an error (``error`` not None there) or the channel counts differ,
-    every rank raises (the failing rank its own error) before the payload exchange, so no rank is left
-    waiting. A rank that holds no data and does not know C passes ``C=None`` (and ``count=0``); it
+    Collective. If any rank reports an error (``error`` not None there), the ranks' operation tags
+    (:func:`op_tag`) differ or the channel counts differ, every rank raises (the failing rank its own
+    error) before the payload exchange, so no rank is left waiting. A rank that holds no data and does not know C passes ``C=None`` (and ``count=0``); it
     sends zeros of the others' C. Returns ``(counts (P,) int64, gathered (P, rows, C) float64)``.
     Internal building block of the synchronized forward/backward and of
     ``precise_statistics(..., comm=)``.
     """
     P = int(comm.Get_size())
     if error is not None:
-        head = np.array([0, -1, 0], dtype=np.int64)
+        head = np.array([0, -1, 0, tag], dtype=np.int64)
     else:
-        head = np.array([1, -2 if C is None else C, count], dtype=np.int64)
+        head = np.array([1, -2 if C is None else C, count, tag], dtype=np.int64)
     heads = np.empty((P, _HEADER), dtype=np.int64)
     comm.Allgather(head, heads)
     if error is not None:
@@ -105,6 +125,11 @@ def exchange(comm: Any, what: str, error: BaseException | None, C: int | None, c
     if bad.size:
         raise ValueError(f"{what}: invalid input on rank(s) {bad.tolist()} (the error is raised there); "
                          "every rank raises so that none waits in a collective")
+    tags = heads[:, 3]
+    if (tags != tag).any():
+        shown = ", ".join(f"rank {r} in {_describe(int(t))}" for r, t in enumerate(tags))
+        raise ValueError(f"{what}: the ranks are in different collective calls ({shown}); every rank must "
+                         "make the same calls in the same order")
     chans = heads[:, 1]
     known = chans[chans >= 0]
     if known.size == 0:
@@ -159,8 +184,11 @@ def global_stats(comm: Any, what: str, error: BaseException | None, x3: np.ndarr
     """
     local = np.zeros((2, C))
     if error is None and n_local > 0:
-        _pick(_partial_stats, x3.size)(x3, local[0], local[1])
-    counts, gathered = exchange(comm, what, error, C, n_local, local)
+        try:
+            _pick(_partial_stats, x3.size)(x3, local[0], local[1])
+        except Exception as e:  # noqa: BLE001  every rank must still reach the header exchange
+            error = e
+    counts, gathered = exchange(comm, what, error, C, n_local, local, tag=op_tag(OP_FORWARD))
     n, mean, m2 = merge_in_rank_order(counts, gathered[:, 0], gathered[:, 1])
     if n <= 1:
         raise ValueError("Expected more than 1 value per channel when training, got "
@@ -190,8 +218,11 @@ def global_grad_sums(comm: Any, what: str, error: BaseException | None, dy3: np.
     """
     local = np.zeros((2, C))
     if error is None and n_local > 0:
-        _pick(_grad_sums, x3.size)(dy3, x3, y3 if relu else x3, mean, bool(relu), local[0], local[1])
-    counts, gathered = exchange(comm, what, error, C, n_local, local)
+        try:
+            _pick(_grad_sums, x3.size)(dy3, x3, y3 if relu else x3, mean, bool(relu), local[0], local[1])
+        except Exception as e:  # noqa: BLE001  every rank must still reach the header exchange
+            error = e
+    counts, gathered = exchange(comm, what, error, C, n_local, local, tag=op_tag(OP_BACKWARD))
     n = float(counts.sum())
     if n == 0:
         raise ValueError(f"{what}: no values on any rank")
@@ -240,7 +271,7 @@ def sync_batch_norm_train(x, gamma, beta, comm, *, axis: int = 1, eps: float = 1
     channel, the mean and biased variance are those of the concatenation of all ranks' ``x`` (merged
     exactly, in rank order, identical bits on every rank); then ``y = (x - mean) * invstd * gamma + beta``
     with ``invstd = 1 / sqrt(var + eps)``, as :func:`fastbn.batch_norm_train` on the global batch.
-    Communication: two ``Allgather`` calls, ``24 + 16 * C`` bytes sent per rank.
+    Communication: two ``Allgather`` calls, ``32 + 16 * C`` bytes sent per rank.
 
     Parameters
     ----------
@@ -259,8 +290,10 @@ def sync_batch_norm_train(x, gamma, beta, comm, *, axis: int = 1, eps: float = 1
 
     Raises
     ------
-    ValueError / TypeError on every rank when any rank's input is invalid, when channel counts differ
-    between ranks, or when the global batch has fewer than 2 values per channel.
+    On every rank, when any rank's input is invalid or its checks fail in any way (that rank raises its
+    own error, the others ValueError), when channel counts differ between ranks, when another rank is
+    in a different collective call (e.g. a backward), or when the global batch has fewer than 2 values
+    per channel (ValueError).
 
     Example
     -------
@@ -292,7 +325,7 @@ def sync_batch_norm_train(x, gamma, beta, comm, *, axis: int = 1, eps: float = 1
         g, b = unaliased((g, b), out)
         y, y3, copy = output_buffer(out, "out", lay, x.dtype, (x,))
         x3 = lay.view(x) if n_local else None
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001  any failure must reach the other ranks, not strand them
         err = e
     n, mean, m2 = global_stats(comm, what, err, x3, C, n_local)
     var = m2 / n
@@ -352,7 +385,7 @@ def sync_batch_norm_backward(dy, x, mean, invstd, gamma, comm, *, axis: int = 1,
         m, inv, g = unaliased((m, inv, g), out)
         dx, dx3, copy = output_buffer(out, "out", lay, x.dtype, (x, dy))
         x3, dy3 = lay.view(x), lay.view(dy)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001  any failure must reach the other ranks, not strand them
         err = e
     n, sum_dy, dot, local = global_grad_sums(comm, what, err, dy3, x3, None, m, False, C, n_local)
     input_grad_into(dy3, x3, None, dx3, None, m, inv, g, n, sum_dy, dot)
@@ -446,7 +479,7 @@ class SyncBatchNorm(BatchNorm):
             lay = resolve_layout(x, axis)
             n_local = lay.A * lay.B
             x3 = lay.view(x) if n_local else None
-        except (TypeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001  any failure must reach the other ranks, not strand them
             err = e
         n, mean, m2 = global_stats(self.comm, what, err, x3, C, n_local)
         var = m2 / n
@@ -493,7 +526,7 @@ class SyncBatchNorm(BatchNorm):
             n_local = lay.A * lay.B
             x3, dy3 = lay.view(s.x), lay.view(dy)
             y3 = None if s.y is None else lay.view(s.y)
-        except (TypeError, ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001  any failure must reach the other ranks, not strand them
             err = e
         mean = None if s is None else s.mean[0]
         n, sum_dy, dot, local = global_grad_sums(self.comm, what, err, dy3, x3, y3, mean, y3 is not None, C,

@@ -71,22 +71,29 @@ class _Accumulator:
             self.total = Stats(*_merge_pair(*self.total, *part))
         self.batches += 1
 
-    def result(self, comm: Any, error: BaseException | None = None) -> Stats:
-        """The merged statistics; with ``comm``, merged across ranks (collective, rank order)."""
+    def result(self, comm: Any, error: BaseException | None = None, part: int = 0, parts: int = 1,
+               channels: int | None = None) -> Stats:
+        """The merged statistics; with ``comm``, merged across ranks (collective, rank order).
+
+        ``error``: this rank's failure so far (raised on every rank after the header exchange). ``part``
+        of ``parts``: which of a sequence of such collectives this is (update_bn_stats: one per layer),
+        checked against the other ranks'. ``channels``: the C this rank expects (used when it holds no
+        data, so that a mismatch still raises on every rank).
+        """
         if comm is None:
             if error is not None:
                 raise error
             if self.total is None or self.total.count[0] == 0:
                 raise ValueError(f"{self.what}: no values (no batches, or only empty ones)")
             return self.total
-        from fastbn.distributed import exchange, merge_in_rank_order
+        from fastbn.distributed import OP_PRECISE, exchange, merge_in_rank_order, op_tag
 
         t = self.total
         has = t is not None and t.count.size > 0
         payload = np.stack([t.mean, t.m2]) if has else None
-        C = t.mean.shape[0] if t is not None else None
+        C = t.mean.shape[0] if t is not None else channels
         count = int(t.count[0]) if has else 0
-        counts, g = exchange(comm, self.what, error, C, count, payload)
+        counts, g = exchange(comm, self.what, error, C, count, payload, tag=op_tag(OP_PRECISE, part, parts))
         n, mean, m2 = merge_in_rank_order(counts, g[:, 0], g[:, 1])
         if n == 0:
             raise ValueError(f"{self.what}: no values on any rank")
@@ -136,15 +143,14 @@ def precise_statistics(batches: Iterable, *, axis: int = 1, unbiased: bool = Fal
     >>> s.count, bool(np.allclose(s.mean, allx.mean(axis=(0, 2, 3)))), bool(np.allclose(s.var, allx.var(axis=(0, 2, 3))))
     (320, True, True)
     """
-    if isinstance(batches, np.ndarray) or not isinstance(batches, Iterable):
-        raise TypeError("batches must be an iterable of arrays (a list, a generator, a data loader), got "
-                        f"{type(batches).__name__}; wrap a single array in a list")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 0):
-        raise ValueError(f"max_batches must be a non-negative int or None, got {max_batches!r}")
-    unbiased = check_flag(unbiased, "unbiased")
     acc = _Accumulator(axis, "precise_statistics")
     err = None
-    try:
+    try:  # with comm, any failure here is raised on every rank, after the exchange
+        if isinstance(batches, np.ndarray) or not isinstance(batches, Iterable):
+            raise TypeError("batches must be an iterable of arrays (a list, a generator, a data loader), "
+                            f"got {type(batches).__name__}; wrap a single array in a list")
+        _check_count(max_batches, "max_batches")
+        unbiased = check_flag(unbiased, "unbiased")
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         for x in (batches if max_batches is None else islice(batches, max_batches)):
@@ -158,6 +164,30 @@ def precise_statistics(batches: Iterable, *, axis: int = 1, unbiased: bool = Fal
 
 def _is_layer(obj: Any) -> bool:
     return hasattr(obj, "running_mean") and hasattr(obj, "running_var") and hasattr(obj, "axis")
+
+
+def _check_count(v, name: str) -> None:
+    if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < 0):
+        raise ValueError(f"{name} must be a non-negative int or None, got {v!r}")
+
+
+def _check_update_args(layers, layer_list, single: bool, batches, forward, num_batches) -> None:
+    if not layer_list or not all(_is_layer(b) for b in layer_list):
+        raise TypeError("layers must be a BatchNorm layer (with running_mean, running_var and axis) or a "
+                        f"non-empty list of them, got {type(layers).__name__}")
+    for i, b in enumerate(layer_list):
+        for name in ("running_mean", "running_var"):
+            v = getattr(b, name)
+            if not isinstance(v, np.ndarray) or not v.flags.writeable:
+                raise ValueError(f"layers[{i}].{name} must be a writeable array (a layer created with "
+                                 f"track_running_stats=True), got {type(v).__name__}")
+    if isinstance(batches, np.ndarray) or not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be an iterable, got {type(batches).__name__}")
+    if forward is None and not single:
+        raise ValueError("with several layers, pass forward= (the model's forward) to produce their inputs")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable, got {type(forward).__name__}")
+    _check_count(num_batches, "num_batches")
 
 
 def update_bn_stats(layers: Any, batches: Iterable, *, forward: Callable[[Any], Any] | None = None,
@@ -207,25 +237,15 @@ def update_bn_stats(layers: Any, batches: Iterable, *, forward: Callable[[Any], 
     >>> model = lambda x: bn(x) * 2.0                      # or run a forward and record bn's inputs
     >>> s = fastbn.update_bn_stats([bn], batches, forward=model)
     """
-    single = _is_layer(layers)
-    layer_list = [layers] if single else (list(layers) if isinstance(layers, Iterable) else None)
-    if not layer_list or not all(_is_layer(b) for b in layer_list):
-        raise TypeError("layers must be a BatchNorm layer (with running_mean, running_var and axis) or a "
-                        f"non-empty list of them, got {type(layers).__name__}")
-    for i, b in enumerate(layer_list):
-        for name in ("running_mean", "running_var"):
-            v = getattr(b, name)
-            if not isinstance(v, np.ndarray) or not v.flags.writeable:
-                raise ValueError(f"layers[{i}].{name} must be a writeable array (a layer created with "
-                                 f"track_running_stats=True), got {type(v).__name__}")
-    if isinstance(batches, np.ndarray) or not isinstance(batches, Iterable):
-        raise TypeError(f"batches must be an iterable, got {type(batches).__name__}")
-    if forward is None and not single:
-        raise ValueError("with several layers, pass forward= (the model's forward) to produce their inputs")
-    if forward is not None and not callable(forward):
-        raise TypeError(f"forward must be callable, got {type(forward).__name__}")
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 0):
-        raise ValueError(f"num_batches must be a non-negative int or None, got {num_batches!r}")
+    layer_list = None
+    try:  # with comm, a failure on this rank is raised on every rank, after one exchange
+        single = _is_layer(layers)
+        layer_list = [layers] if single else (list(layers) if isinstance(layers, Iterable) else None)
+        _check_update_args(layers, layer_list, single, batches, forward, num_batches)
+    except Exception as e:  # noqa: BLE001
+        if comm is None:
+            raise
+        _Accumulator(1, "update_bn_stats").result(comm, e, parts=len(layer_list or [None]))
 
     accs = [_Accumulator(b.axis, f"update_bn_stats (layer {i})") for i, b in enumerate(layer_list)]
     source = batches if num_batches is None else islice(batches, num_batches)
@@ -242,15 +262,16 @@ def update_bn_stats(layers: Any, batches: Iterable, *, forward: Callable[[Any], 
         err = _run_recording(layer_list, accs, source, forward, comm)
     results = []
     for i, (b, acc) in enumerate(zip(layer_list, accs)):
-        s = acc.result(comm, err)
+        C = b.running_mean.shape[0]
+        if err is None and acc.total is not None and acc.total.mean.shape[0] != C:
+            # checked before the exchange: with comm, every rank raises, none waits for the next layer
+            err = ValueError(f"layer {i} has {C} channels but its inputs have {acc.total.mean.shape[0]} "
+                             f"(along axis {b.axis})")
+        s = acc.result(comm, err, part=i, parts=len(layer_list), channels=C)
         if s.count[0] < 2:
             raise ValueError(f"layer {i} saw {int(s.count[0])} value(s) per channel; the unbiased "
                              "variance needs at least 2")
-        if s.mean.shape[0] != b.running_mean.shape[0]:
-            raise ValueError(f"layer {i} has {b.running_mean.shape[0]} channels but its inputs have "
-                             f"{s.mean.shape[0]} (along axis {b.axis})")
-        pop = _finish(s, unbiased=False)
-        results.append(pop)
+        results.append(_finish(s, unbiased=False))
     for b, pop in zip(layer_list, results):  # write only after every layer succeeded
         # the moving variance of the Keras convention is the biased one (Keras 3)
         var = pop.var if getattr(b, "convention", "torch") == "keras" else pop.var_unbiased

@@ -1,4 +1,5 @@
-"""The script every MPI rank runs for tests/test_distributed.py: ``mpiexec -n P python mpi_worker.py OUTDIR``.
+"""The script every MPI rank runs for tests/test_distributed.py: ``mpiexec -n P python mpi_worker.py OUTDIR``
+(``... OUTDIR failures``: only the failure-behaviour checks, check_failures).
 
 Every rank builds the same global batches from fixed seeds, takes its own slice (unequal sizes, and a
 rank with zero samples), runs the synchronized kernels / layers, and compares its results with the
@@ -290,13 +291,71 @@ def check_layers(ck: Checker) -> None:
     ck.close(y, my_slice(ref, [2] * P), 1e-5, "SyncBatchNorm: a call after the errors")
 
 
-def main(outdir: str) -> None:
+class Failing:
+    """An array-like whose conversion raises ``exc`` (a torch tensor that requires grad raises
+    RuntimeError there; a huge allocation MemoryError)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __array__(self, *args, **kwargs):
+        raise self.exc
+
+
+def check_failures(ck: Checker) -> None:
+    """Any failure on one rank before the collective raises on every rank; ranks in different calls
+    raise on every rank; afterwards the collectives are still in step."""
+    last = P - 1
+    rng = np.random.default_rng(21)
+    x = rng.normal(3.0, 1.0, (3, 4, 5))
+    for exc in (RuntimeError("tensor requires grad"), MemoryError(), OverflowError("too large")):
+        g = Failing(exc) if RANK == last else None
+        ck.raises(lambda: fd.sync_batch_norm_train(x, g, None, comm),
+                  type(exc) if RANK == last else ValueError,
+                  str(exc) if RANK == last else f"invalid input on rank(s) [{last}]",
+                  f"{type(exc).__name__} on the last rank (forward)")
+        m = Failing(exc) if RANK == last else np.zeros(4)
+        ck.raises(lambda: fd.sync_batch_norm_backward(x, x, m, np.ones(4), None, comm),
+                  type(exc) if RANK == last else ValueError,
+                  str(exc) if RANK == last else f"invalid input on rank(s) [{last}]",
+                  f"{type(exc).__name__} on the last rank (backward)")
+        bn = fd.SyncBatchNorm(4, comm, dtype=np.float64)
+        xb = Failing(exc) if RANK == last else x
+        ck.raises(lambda: bn(xb), type(exc) if RANK == last else ValueError,
+                  str(exc) if RANK == last else f"invalid input on rank(s) [{last}]",
+                  f"{type(exc).__name__} on the last rank (SyncBatchNorm)")
+    eps = 10**400 if RANK == 0 else 1e-5
+    ck.raises(lambda: fd.sync_batch_norm_train(x, None, None, comm, eps=eps), ValueError,
+              "eps" if RANK == 0 else "invalid input on rank(s) [0]", "eps=10**400 on rank 0")
+    # rank 0 in the forward, the others in the backward
+    y, mean, invstd = fd.sync_batch_norm_train(x, None, None, comm)
+    if RANK == 0:
+        call = lambda: fd.sync_batch_norm_train(x + 50.0, None, None, comm)  # noqa: E731
+    else:
+        call = lambda: fd.sync_batch_norm_backward(x, x, mean, invstd, None, comm)  # noqa: E731
+    ck.raises(call, ValueError, "rank 0 in a training forward, rank 1 in a backward", "forward vs backward")
+    bn = fd.SyncBatchNorm(4, comm, dtype=np.float64)
+    bn(x)
+    ck.raises((lambda: bn(x)) if RANK == 0 else (lambda: bn.backward(np.ones_like(x))), ValueError,
+              "different collective calls", "SyncBatchNorm forward vs backward")
+    # still in step: the same global statistics on every rank, equal to the reference
+    y2, mean2, invstd2 = fd.sync_batch_norm_train(x, None, None, comm)
+    ref = naive.train_forward(np.concatenate(comm.allgather(x)), axis=1)
+    ck.close(mean2, ref[1], 1e-12, "a call after the failures: mean")
+    ck.close(invstd2, ref[2], 1e-12, "a call after the failures: invstd")
+    ck.same_on_all_ranks({"mean": mean2, "invstd": invstd2}, "after the failures")
+
+
+def main(outdir: str, mode: str = "all") -> None:
     ck = Checker()
     try:
-        check_functional(ck)
-        check_errors(ck)
-        check_precise(ck)
-        check_layers(ck)
+        if mode == "failures":
+            check_failures(ck)
+        else:
+            check_functional(ck)
+            check_errors(ck)
+            check_precise(ck)
+            check_layers(ck)
     except Exception:  # noqa: BLE001
         ck.failures.append("unexpected exception:\n" + traceback.format_exc())
         _write(outdir, ck)
@@ -312,4 +371,4 @@ def _write(outdir: str, ck: Checker) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -45,32 +45,59 @@ def _skip_reason() -> str | None:
     return None
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_mpi_ranks_match_single_process(ranks, tmp_path):
+def _run_mpi(ranks: int, outdir: Path, *args: str, timeout: int = MPI_TIMEOUT_S) -> list[dict]:
+    """``mpiexec -n ranks python -m mpi4py mpi_worker.py outdir *args``; the per-rank results.
+
+    ``python -m mpi4py`` aborts the job on an exception that a rank does not catch (the README's advice);
+    a rank that hangs fails the test at the timeout instead of blocking the suite.
+    """
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
     env = dict(os.environ)
     # 2 cores here: keep ranks x threads near the core count (oversubscribed MPI ranks busy-poll)
     env["NUMBA_NUM_THREADS"] = "2" if ranks == 2 else "1"
-    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, str(HERE / "mpi_worker.py"), str(tmp_path)]
+    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", str(HERE / "mpi_worker.py"),
+           str(outdir), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=HERE,
                             start_new_session=True, text=True)
     try:
-        out, _ = proc.communicate(timeout=MPI_TIMEOUT_S)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank: a hung rank fails the test
         out, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n {ranks} did not finish in {MPI_TIMEOUT_S} s (a rank hung?)\n{out[-4000:]}")
+        pytest.fail(f"mpiexec -n {ranks} did not finish in {timeout} s (a rank hung?)\n{out[-4000:]}")
     assert proc.returncode == 0, f"mpiexec -n {ranks} exited with {proc.returncode}:\n{out[-4000:]}"
-    failures = []
+    results = []
     for r in range(ranks):
-        f = tmp_path / f"rank{r}.json"
+        f = outdir / f"rank{r}.json"
         assert f.exists(), f"rank {r} wrote no result:\n{out[-4000:]}"
         res = json.loads(f.read_text())
         assert res["size"] == ranks
+        results.append(res)
+    return results
+
+
+def _failures(results: list[dict]) -> list[str]:
+    return [f"rank {r}: {msg}" for r, res in enumerate(results) for msg in res["failures"]]
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_mpi_ranks_match_single_process(ranks, tmp_path):
+    results = _run_mpi(ranks, tmp_path)
+    for r, res in enumerate(results):
         assert res["checks"] > 500, f"rank {r} ran only {res['checks']} checks"
-        failures += [f"rank {r}: {msg}" for msg in res["failures"]]
+    failures = _failures(results)
+    assert not failures, "\n".join(failures[:30])
+
+
+def test_mpi_any_failure_on_one_rank_raises_on_every_rank(tmp_path):
+    """RuntimeError / MemoryError / OverflowError on one rank, eps=10**400, a forward on one rank
+    against a backward on the other: every rank raises, none hangs, and the next calls still agree."""
+    results = _run_mpi(2, tmp_path, "failures", timeout=180)
+    for r, res in enumerate(results):
+        assert res["checks"] >= 10, f"rank {r} ran only {res['checks']} checks"
+    failures = _failures(results)
     assert not failures, "\n".join(failures[:30])
 
 
@@ -243,6 +270,107 @@ def test_errors_raise_on_every_rank():
         assert kind == "err" and "Expected more than 1 value per channel" in str(e)
 
 
+class Failing:
+    """An array-like whose conversion raises ``exc`` (a torch tensor that requires grad raises
+    RuntimeError there; a huge allocation MemoryError)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __array__(self, *args, **kwargs):
+        raise self.exc
+
+
+def _expect_raised_everywhere(results, failing: int, exc: BaseException) -> None:
+    assert results[failing] == ("err", exc)
+    for r, (kind, e) in enumerate(results):
+        if r != failing:
+            assert kind == "err" and isinstance(e, ValueError), (r, kind, e)
+            assert f"invalid input on rank(s) [{failing}]" in str(e)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("requires grad"), MemoryError(), OverflowError("huge")])
+def test_any_failure_before_the_collective_raises_on_every_rank(exc):
+    """Not only ValueError/TypeError: whatever one rank's checks raise reaches every rank."""
+    x = np.ones((2, 3, 4))
+    calls = [  # (call, the argument the other ranks pass where rank 1 passes Failing(exc))
+        (lambda comm, a: fd.sync_batch_norm_train(x, a, None, comm), None),
+        (lambda comm, a: fd.sync_batch_norm_backward(x, x, a, np.ones(3), None, comm), np.zeros(3)),
+        (lambda comm, a: fd.SyncBatchNorm(3, comm, dtype=np.float64)(a), x),
+        (lambda comm, a: fastbn.precise_statistics([a], comm=comm), x),
+        (lambda comm, a: fastbn.update_bn_stats(fastbn.BatchNorm(3), [a], comm=comm), x),
+    ]
+    for call, good in calls:
+        def go(comm):
+            return call(comm, Failing(exc) if comm.Get_rank() == 1 else good)
+        _expect_raised_everywhere(run_ranks(3, go), 1, exc)
+
+
+def test_bad_arguments_on_one_rank_raise_on_every_rank():
+    """Argument checks that ran before any collective: eps=10**400, precise/update_bn_stats arguments."""
+    x = np.ones((2, 3, 4))
+
+    def big_eps(comm):
+        return fd.sync_batch_norm_train(x, None, None, comm, eps=10**400 if comm.Get_rank() == 0 else 1e-5)
+
+    res = run_ranks(2, big_eps)
+    assert isinstance(res[0][1], ValueError) and "eps" in str(res[0][1])
+    assert "invalid input on rank(s) [0]" in str(res[1][1])
+
+    def bad_max_batches(comm):
+        return fastbn.precise_statistics([x], comm=comm, max_batches=-1 if comm.Get_rank() == 1 else None)
+
+    res = run_ranks(2, bad_max_batches)
+    assert "max_batches" in str(res[1][1]) and "invalid input on rank(s) [1]" in str(res[0][1])
+
+    def bad_layers(comm):
+        layers = "bn" if comm.Get_rank() == 1 else fastbn.BatchNorm(3)
+        return fastbn.update_bn_stats(layers, [x], comm=comm)
+
+    res = run_ranks(2, bad_layers)
+    assert isinstance(res[1][1], TypeError) and "invalid input on rank(s) [1]" in str(res[0][1])
+
+    def layer_channels_differ(comm):  # rank 1 has no data and a layer of another width
+        bn = fastbn.BatchNorm(3 if comm.Get_rank() == 0 else 4)
+        return fastbn.update_bn_stats(bn, [x] if comm.Get_rank() == 0 else [], comm=comm)
+
+    for kind, e in run_ranks(2, layer_channels_differ):
+        assert kind == "err" and "same number of channels" in str(e)
+
+
+def test_ranks_in_different_calls_raise_on_every_rank():
+    """Rank 0 in the forward while rank 1 is in the backward: both raise (no silently merged sums)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 1.0, (4, 3, 5))
+
+    def go(comm):
+        y, mean, invstd = fd.sync_batch_norm_train(x, None, None, comm)
+        if comm.Get_rank() == 0:
+            return fd.sync_batch_norm_train(x + 50.0, None, None, comm)
+        return fd.sync_batch_norm_backward(x, x, mean, invstd, None, comm)
+
+    for kind, e in run_ranks(2, go):
+        assert kind == "err" and isinstance(e, ValueError), e
+        assert "rank 0 in a training forward, rank 1 in a backward" in str(e)
+
+    def layers(comm):
+        bn = fd.SyncBatchNorm(3, comm, dtype=np.float64)
+        bn(x)
+        if comm.Get_rank() == 1:
+            return bn.backward(np.ones_like(x))
+        return bn(x)
+
+    for kind, e in run_ranks(2, layers):
+        assert kind == "err" and "different collective calls" in str(e)
+
+    def precise_layers(comm):  # one rank updates two layers, the other one: the counts differ
+        bns = [fastbn.BatchNorm(3) for _ in range(2 - comm.Get_rank())]
+        return fastbn.update_bn_stats(bns, [x], forward=lambda b: [bn(b) for bn in bns], comm=comm)
+
+    for kind, e in run_ranks(2, precise_layers):
+        assert kind == "err" and "rank 0 in precise statistics (layer 0 of 2), rank 1 in precise" in str(e)
+
+
 @pytest.mark.parametrize("comm,exc,match", [
     (None, TypeError, "comm must be an mpi4py communicator"),
     (42, TypeError, "got int"),
@@ -257,7 +385,7 @@ def test_bad_comm(comm, exc, match):
 
 
 def test_bytes_per_step_do_not_depend_on_batch():
-    """Communication is O(C): a header of 3 int64 and a (2, C) float64 payload per rank and call."""
+    """Communication is O(C): a header of 4 int64 and a (2, C) float64 payload per rank and call."""
     C = 16
     for N in (4, 64):
         x = np.random.default_rng(0).normal(size=(N, C, 5, 5))
@@ -267,7 +395,7 @@ def test_bytes_per_step_do_not_depend_on_batch():
             fd.sync_batch_norm_backward(x, x, mean, invstd, None, comm)
             return comm.bytes_sent
 
-        assert _values(run_ranks(2, step)) == [2 * (24 + 16 * C)] * 2
+        assert _values(run_ranks(2, step)) == [2 * (32 + 16 * C)] * 2
 
 
 def test_precise_statistics_over_thread_ranks():
