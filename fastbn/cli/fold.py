@@ -1,16 +1,27 @@
 """``python -m fastbn fold IN.onnx -o OUT.onnx [--check]``: fold BatchNormalization nodes of an ONNX model.
 
-Exit status: 0 done (and --check passed), 1 --check found a difference beyond tolerance (the output is
-still written, for inspection), 2 usage error, missing extra, or unreadable/invalid input (no output).
+Exit status (``EXIT_*`` below): 0 done (and --check passed); 1 --check found a difference beyond
+tolerance (the output is still written, for inspection); 2 usage error, missing extra, unreadable or
+invalid input, or the output could not be written; 3 --check could not run the models at all (e.g.
+onnxruntime has no kernel for a float64 model; the output is written, unchecked).
+
+``--check`` compares the folded model with the input *as it was read* (kept in memory), so
+``-o IN.onnx`` (fold in place) checks against the original, not against itself. The output is written
+atomically (a temporary file in the same directory, renamed over it); an existing file keeps its
+permission bits, a new one gets the umask's; a symlink is written through (the link stays); a
+non-regular file (``/dev/null``, a FIFO, ``/dev/stdout``) is written to as it is, never replaced. When
+the output is this process's stdout, the report goes to stderr.
 onnx and onnxruntime are imported only inside ``run`` so that ``python -m fastbn --help`` stays fast.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import stat
 import sys
 import tempfile
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -18,16 +29,32 @@ import numpy as np
 PROGRESS_MIN_BNS = 20
 _TWO_GB = 2**31
 
+EXIT_OK, EXIT_MISMATCH, EXIT_ERROR, EXIT_CHECK_NOT_RUN = 0, 1, 2, 3
+_EPILOG = ("exit status: 0 folded (and --check passed); 1 --check found a difference beyond tolerance; "
+           "2 usage error, bad input or output not written; 3 --check could not run the models")
+
+
+def _tolerance(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``fold`` subcommand's options."""
+    parser.epilog = _EPILOG
     parser.add_argument("input", metavar="IN.onnx", help="ONNX model to fold")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the result")
     parser.add_argument("--check", action="store_true",
                         help="run both models with onnxruntime on random inputs and compare the outputs")
-    parser.add_argument("--rtol", type=float, default=1e-3,
+    parser.add_argument("--rtol", type=_tolerance, default=1e-3,
                         help="--check tolerance relative to each output's largest magnitude (default 1e-3)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="--check absolute tolerance (default 1e-4)")
+    parser.add_argument("--atol", type=_tolerance, default=1e-4,
+                        help="--check absolute tolerance (default 1e-4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --check random inputs (default 0)")
     parser.add_argument("--dynamic-size", type=int, default=1, metavar="N",
                         help="size given to symbolic/unknown input dimensions in --check (default 1)")
@@ -38,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _err(msg: str) -> int:
     print(f"fastbn fold: error: {msg}", file=sys.stderr)
-    return 2
+    return EXIT_ERROR
 
 
 def random_inputs(model: Any, rng: np.random.Generator, dynamic_size: int = 1) -> dict[str, np.ndarray]:
@@ -109,22 +136,83 @@ def compare_models(original: Any, folded: Any, *, seed: int = 0, dynamic_size: i
     return rows
 
 
-def _save(onnx: Any, model: Any, path: str) -> None:
-    """Write atomically (temp file + rename) so a failure never leaves a partial OUT.onnx behind."""
-    out_dir = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastbn-fold-", suffix=".onnx", dir=out_dir)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _is_stdout(st: os.stat_result) -> bool:
+    try:
+        return os.path.samestat(st, os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # stdout closed or replaced by a non-file object
+        return False
+
+
+def _output_kind(path: str) -> str:
+    """'stdout' (this process's stdout), 'stream' (another non-regular file) or 'file' (regular/new)."""
+    try:
+        st = os.stat(path)  # follows symlinks: the file that would be written
+    except OSError:
+        return "file"
+    if _is_stdout(st):
+        return "stdout"
+    return "file" if stat.S_ISREG(st.st_mode) else "stream"
+
+
+def _save(onnx: Any, model: Any, path: str, kind: str) -> None:
+    """Write ``model`` to ``path`` as the module docstring says (atomic for files, through for streams)."""
+    if kind != "file":
+        if model.ByteSize() >= _TWO_GB:
+            raise ValueError("a model over 2 GB is saved with an external data file; write it to a regular file")
+        data = model.SerializeToString()
+        if kind == "stdout":
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+        return
+    target = os.path.realpath(path)  # through a symlink: the link stays, its target is replaced
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)  # an existing file keeps its permissions
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()  # a new one gets what open() would give it
+    fd, tmp = tempfile.mkstemp(prefix=".fastbn-fold-", suffix=".onnx", dir=os.path.dirname(target))
     os.close(fd)
     try:
         if model.ByteSize() >= _TWO_GB:  # protobuf cannot serialize more than 2 GB in one message
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=os.path.basename(path) + ".data")
+                            location=os.path.basename(target) + ".data")
         else:
             onnx.save_model(model, tmp)
-        os.replace(tmp, path)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _reason(e: Exception) -> str:
+    # an OSError's own text names the temporary file; the user knows only OUT.onnx
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+def _check_sources(model: Any, folded: Any, args: argparse.Namespace, input_replaced: bool,
+                   kind: str) -> tuple[Any, Any] | str:
+    """What to give compare_models: the models in memory (the original as read), or for models over
+    2 GB their files; a reason string when neither is possible."""
+    if model.ByteSize() < _TWO_GB and folded.ByteSize() < _TWO_GB:
+        return model, folded
+    if input_replaced:
+        return "the input was overwritten and a model over 2 GB cannot be checked from memory"
+    if kind != "file":
+        return "a model over 2 GB can be checked only from a regular output file"
+    return args.input, args.output
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,10 +230,18 @@ def run(args: argparse.Namespace) -> int:
             return _err("--check needs onnxruntime: pip install 'fastbn[onnx]'")
     if args.dynamic_size < 1:
         return _err("--dynamic-size must be >= 1")
+    if os.path.isdir(args.input):
+        return _err(f"{args.input} is a directory, not an ONNX file")
     try:
-        model = fonnx.load_model(args.input)
+        model = fonnx.load_model(args.input)  # kept as read: --check compares against it
     except (OSError, ValueError, TypeError) as e:
         return _err(str(e))
+    kind = _output_kind(args.output)
+    out: TextIO = sys.stderr if kind == "stdout" else sys.stdout  # stdout carries the model then
+    try:
+        input_replaced = kind == "file" and os.path.samefile(args.input, args.output)
+    except OSError:
+        input_replaced = False
     n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
     show = args.progress or (n_bn >= PROGRESS_MIN_BNS and sys.stderr.isatty())
 
@@ -165,27 +261,33 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if show:
             sys.stderr.write("\n")
-    print(report)
+    print(report, file=out)
     try:
-        _save(onnx, folded, args.output)
+        _save(onnx, folded, args.output, kind)
     except (OSError, ValueError) as e:
-        return _err(f"cannot write {args.output}: {e}")
-    print(f"wrote {args.output}")
+        return _err(f"cannot write {args.output}: {_reason(e)}")
+    print(f"wrote {args.output}", file=out)
     if not args.check:
-        return 0
+        return EXIT_OK
+    sources = _check_sources(model, folded, args, input_replaced, kind)
+    if isinstance(sources, str):
+        print(f"check: NOT RUN: {sources}", file=out)
+        return EXIT_CHECK_NOT_RUN
     try:
-        rows = compare_models(args.input, args.output, seed=args.seed, dynamic_size=args.dynamic_size)
+        rows = compare_models(*sources, seed=args.seed, dynamic_size=args.dynamic_size)
     except Exception as e:  # onnxruntime errors are varied; report them in one line
-        print(f"check: FAILED: onnxruntime could not run the models: {str(e).strip().splitlines()[0]}")
-        return 1
+        print(f"check: NOT RUN: onnxruntime could not run the models: {str(e).strip().splitlines()[0]}",
+              file=out)
+        return EXIT_CHECK_NOT_RUN
     ok = True
     for name, shape, max_abs, max_rel, scale in rows:
         good = max_abs <= args.atol + args.rtol * scale
         ok &= good
         flag = "" if good else "  <-- beyond tolerance"
         print(f"check: output '{name}' {tuple(shape)}: max abs diff {max_abs:.3g}, max rel diff "
-              f"{max_rel:.3g} (relative to max |output| = {scale:.3g}){flag}")
-    print(f"check: {'PASSED' if ok else 'FAILED'} (atol={args.atol:g}, rtol={args.rtol:g}, seed={args.seed})")
+              f"{max_rel:.3g} (relative to max |output| = {scale:.3g}){flag}", file=out)
+    print(f"check: {'PASSED' if ok else 'FAILED'} (atol={args.atol:g}, rtol={args.rtol:g}, seed={args.seed})",
+          file=out)
     if not ok:
-        print(f"check: {args.output} was written but differs from {args.input}", file=sys.stderr)
-    return 0 if ok else 1
+        print(f"check: {args.output} was written but differs from {args.input} as it was read", file=sys.stderr)
+    return EXIT_OK if ok else EXIT_MISMATCH
