@@ -1,6 +1,6 @@
 """Synchronized vs local batch norm: time per training step (forward + backward) and bytes communicated.
 
-    mpiexec -n 2 python examples/sync_bn_bench.py --repeat 100     # also --dtype float64
+    mpiexec -n 2 python -m mpi4py examples/sync_bn_bench.py --repeat 100     # also --dtype float64
 
 Each global batch (e.g. NCHW (32, 64, 56, 56)) is split evenly over the ranks. Per rank and shape:
 

@@ -1,6 +1,6 @@
 """Data-parallel training with synchronized batch norm over MPI, checked against one process.
 
-    mpiexec -n 2 python examples/sync_bn_train.py            # also -n 3, --sizes 9,0,15, --dtype float32
+    mpiexec -n 2 python -m mpi4py examples/sync_bn_train.py  # also -n 3, --sizes 9,0,15, --dtype float32
 
 Model: 1x1 conv (3 -> 16 channels) -> SyncBatchNorm + ReLU -> global average pool -> dense (16 -> 10),
 softmax cross-entropy, plain SGD, on a synthetic 10-class problem. The global batch of every step is
