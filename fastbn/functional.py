@@ -96,7 +96,8 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis: int = 1, eps: float = 1e
     g = channel_vector(gamma, "gamma", C, 1.0)
     b = channel_vector(beta, "beta", C, 0.0)
     update, momentum = running_pair(running_mean, running_var, momentum, C, x, out)
-    g, b = unaliased((g, b), out, running_mean, running_var)
+    if update or out is not None:
+        g, b = unaliased((g, b), out, running_mean, running_var)
     if update:
         rm = _running_for_kernel(running_mean)
         rv = _running_for_kernel(running_var)
@@ -155,7 +156,8 @@ def batch_norm_infer(x, running_mean, running_var, gamma=None, beta=None, *, axi
     check_running_var(rv, eps)
     g = channel_vector(gamma, "gamma", C, 1.0)
     b = channel_vector(beta, "beta", C, 0.0)
-    rm, rv, g, b = unaliased((rm, rv, g, b), out)
+    if out is not None:
+        rm, rv, g, b = unaliased((rm, rv, g, b), out)
     y, y3, copy = output_buffer(out, "out", lay, x.dtype, (x,))
     _pick(_infer_forward, x.size)(lay.view(x), rm, rv, g, b, eps, y3)
     if copy:
@@ -207,7 +209,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis: int = 1, out: 
     inv = channel_vector(invstd, "invstd", C)
     g = channel_vector(gamma, "gamma", C, 1.0)
     frozen = check_flag(frozen, "frozen")
-    m, inv, g = unaliased((m, inv, g), out)
+    if out is not None:
+        m, inv, g = unaliased((m, inv, g), out)
     dx, dx3, copy = output_buffer(out, "out", lay, x.dtype, (x, dy))
     dgamma = np.empty(C)
     dbeta = np.empty(C)
