@@ -42,13 +42,13 @@ from typing import Any
 
 import numpy as np
 
+from fastbn._dispatch import pick as _pick
 from fastbn._kernels.fused import apply_act as _apply_act
 from fastbn._kernels.partial import grad_sums as _grad_sums
 from fastbn._kernels.partial import input_grad as _input_grad
 from fastbn._kernels.partial import partial_stats as _partial_stats
 from fastbn._validate import (Layout, as_input, channel_vector, check_eps, check_flag, copy_back, like_x,
                               normalize_axis, output_buffer, resolve_layout, running_pair, unaliased)
-from fastbn._dispatch import pick as _pick
 from fastbn.functional import BackwardResult, TrainStats
 from fastbn.layer import BatchNorm, _Saved
 
@@ -107,8 +107,8 @@ def exchange(comm: Any, what: str, error: BaseException | None, C: int | None, c
 
     Collective. If any rank reports an error (``error`` not None there), the ranks' operation tags
     (:func:`op_tag`) differ or the channel counts differ, every rank raises (the failing rank its own
-    error) before the payload exchange, so no rank is left waiting. A rank that holds no data and does not know C passes ``C=None`` (and ``count=0``); it
-    sends zeros of the others' C. Returns ``(counts (P,) int64, gathered (P, rows, C) float64)``.
+    error) before the payload exchange, so no rank is left waiting. A rank that holds no data and does
+    not know C passes ``C=None`` (and ``count=0``); it sends zeros of the others' C. Returns ``(counts (P,) int64, gathered (P, rows, C) float64)``.
     Internal building block of the synchronized forward/backward and of
     ``precise_statistics(..., comm=)``.
     """

@@ -14,12 +14,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastbn._dispatch import pick as _pick
 from fastbn._kernels.fused import apply_act as _apply_act
 from fastbn._kernels.fused import backward_act as _backward_act
 from fastbn._kernels.fused import train_forward_act as _train_forward_act
 from fastbn._validate import (as_input, channel_vector, check_eps, check_flag, check_running_var, copy_back,
                               like_x, normalize_axis, output_buffer, resolve_layout, running_pair, unaliased)
-from fastbn._dispatch import pick as _pick
 from fastbn.functional import TrainStats
 
 __all__ = ["batch_norm_relu_train", "batch_norm_relu_infer", "batch_norm_relu_backward",

@@ -29,9 +29,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastbn._dispatch import pick as _pick
 from fastbn._kernels.partial import partial_stats as _partial_stats
 from fastbn._validate import as_input, normalize_axis, resolve_layout
-from fastbn._dispatch import pick as _pick
 
 __all__ = ["Stats", "partial_stats", "merge_stats"]
 
