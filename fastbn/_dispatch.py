@@ -4,10 +4,12 @@ Every public wrapper calls ``pick(kernel, size)(*args)``. The serial variant run
 
 - the input is small (``size < SERIAL_MAX_ELEMS``): a parallel region costs more than it saves there;
 - the calling thread has one Numba thread (``numba.set_num_threads(1)``);
-- this process is a fork child of a process whose OpenMP thread pool was running: GNU OpenMP is not
-  fork-safe (Numba terminates such a child with "fork() called from a process already using GNU
+- this process is a fork child of a process whose OpenMP (or TBB) thread pool was running: GNU OpenMP
+  is not fork-safe (Numba terminates such a child with "fork() called from a process already using GNU
   OpenMP", and a ``multiprocessing`` pool waiting for it hangs). A ``torch`` DataLoader worker or a
-  ``multiprocessing`` fork pool therefore runs the serial kernels: the same bits, one core each.
+  ``multiprocessing`` fork pool therefore runs the serial kernels: the same bits, one core each. TBB
+  is not available on the machine this was tested on and gets the same treatment; the ``workqueue``
+  pool was tested to work in a fork child, which keeps the parallel kernels.
 
 Under Numba's ``workqueue`` threading layer (what Numba falls back to without libgomp or TBB), two
 threads launching parallel regions at once abort the process ("Concurrent access has been detected").
@@ -35,8 +37,8 @@ SERIAL_MAX_ELEMS = 1 << 15
 # Parallel calls may launch freely: the layer is known and allows concurrent launches (omp, tbb).
 # False until checked, and again in every fork child (which then takes _pick_slow).
 _free = False
-# Set in a fork child when the parent's OpenMP pool was running: no OpenMP in this process.
-_forked_from_omp = False
+# Set in a fork child when the parent's OpenMP/TBB pool was running: no parallel region in this process.
+_serial_after_fork = False
 # One parallel call at a time under the workqueue layer.
 _pool_lock = threading.Lock()
 
@@ -52,7 +54,7 @@ def pick(kernel: Any, size: int) -> Callable:
 
 def _pick_slow(kernel: Any) -> Callable:
     global _free
-    if _forked_from_omp:
+    if _serial_after_fork:
         return kernel.serial
     threads = numba.get_num_threads()  # starts Numba's thread pool: the layer is known from here on
     if numba.threading_layer() != "workqueue":
@@ -73,15 +75,15 @@ def _one_at_a_time(kernel: Any, *args):
 
 
 def _after_fork_in_child() -> None:
-    global _free, _forked_from_omp, _pool_lock
+    global _free, _serial_after_fork, _pool_lock
     _free = False
     _pool_lock = threading.Lock()  # a fork while another thread held it leaves it locked forever
     try:
         layer = numba.threading_layer()
     except ValueError:  # the parent never started a thread pool: this child may start its own
         return
-    if layer == "omp":
-        _forked_from_omp = True
+    if layer != "workqueue":
+        _serial_after_fork = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
