@@ -56,19 +56,20 @@ def _writable(path: str) -> bool:
     return ok
 
 
-@functools.lru_cache(maxsize=1)
-def _private_tmp_root() -> str | None:
-    """``$TMPDIR/fastbn-numba-<uid>``, created 0700; None unless it is a directory of ours that no
-    other user can write (a shared temp dir must not feed us someone else's pickles)."""
+@functools.lru_cache(maxsize=2)
+def _private_tmp_root(create: bool) -> str | None:
+    """``$TMPDIR/fastbn-numba-<uid>`` (created 0700 if ``create``); None unless it is a directory of
+    ours that no other user can write (a shared temp dir must not feed us someone else's pickles)."""
     if not hasattr(os, "getuid"):
         return None
     root = os.path.join(tempfile.gettempdir(), f"fastbn-numba-{os.getuid()}")
-    try:
-        os.mkdir(root, 0o700)
-    except FileExistsError:
-        pass
-    except OSError:
-        return None
+    if create:
+        try:
+            os.mkdir(root, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
     try:
         st = os.lstat(root)
     except OSError:
@@ -100,11 +101,16 @@ def _classes():
             dirs = [os.path.join(config.CACHE_DIR, sub)] if config.CACHE_DIR else []
             dirs.append(os.path.join(os.path.dirname(py_file), "__pycache__"))
             dirs.append(os.path.join(AppDirs(appname="numba", appauthor=False).user_cache_dir, sub))
-            tmp = _private_tmp_root()
+            tmp = _private_tmp_root(create=False)  # read from it if it exists ...
             if tmp is not None:
                 dirs.append(os.path.join(tmp, sub))
             self.dirs = dirs
             self.write_dir = next((d for d in dirs if _writable(d)), None)
+            if self.write_dir is None and tmp is None:  # ... create it only when nothing else is writable
+                tmp = _private_tmp_root(create=True)
+                if tmp is not None:
+                    dirs.append(os.path.join(tmp, sub))
+                    self.write_dir = dirs[-1] if _writable(dirs[-1]) else None
 
         def get_cache_path(self):
             return self.write_dir or self.dirs[0]
