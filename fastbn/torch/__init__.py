@@ -13,6 +13,8 @@ from typing import Any
 
 _EXPORTS = {
     "fold_model": "fastbn.torch._fold",
+    "FoldReport": "fastbn.torch._fold",
+    "FoldEntry": "fastbn.torch._fold",
     "BatchNorm1d": "fastbn.torch._modules",
     "BatchNorm2d": "fastbn.torch._modules",
     "BatchNorm3d": "fastbn.torch._modules",
