@@ -35,8 +35,9 @@ class NotBatchNorm(Exception):
 
 def _standard_types() -> tuple[type, ...]:
     from fastbn.torch._modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+    from fastbn.torch._sync import SyncBatchNorm
     return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d, BatchNorm2d,
-            BatchNorm3d)
+            BatchNorm3d, SyncBatchNorm)
 
 
 def bn_dims(m: nn.Module) -> int | None:
