@@ -43,10 +43,11 @@ _EXPORTS: dict[str, str] = {
     "precise_statistics": "fastbn.precise",
     "update_bn_stats": "fastbn.precise",
     "PopulationStats": "fastbn.precise",
+    "identity_init": "fastbn.identity",
     "SyncBatchNorm": "fastbn.distributed",
 }
 _SUBMODULES = {"kernels", "functional", "fold", "onnx", "torch", "distributed", "cases", "layer", "fused",
-               "stats", "precise"}
+               "stats", "precise", "identity"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
