@@ -91,3 +91,12 @@ def test_fold_model_folds_sync_batchnorm():
         model[1].running_mean.uniform_(-2, 2)
     folded, report = fbt.fold_model(model, torch.randn(2, 3, 5, 5, dtype=torch.float64), return_report=True)
     assert len(report.folded) == 1, str(report)
+
+
+def test_convert_turns_torch_sync_batchnorm_into_fastbn_one():
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    bn = model[1]
+    fbt.convert(model)
+    assert model[1] is bn and type(bn) is fbt.SyncBatchNorm
+    y = model(torch.randn(2, 3, 4, 4))  # no torch.distributed: plain BN on the CPU
+    assert y.shape == (2, 4, 4, 4) and int(bn.num_batches_tracked) == 1

@@ -211,7 +211,8 @@ def _subclass_tail(m: nn.Module) -> Any:
 def convert(module: nn.Module, *, strict: bool = False) -> nn.Module:
     """Make every batch norm in ``module`` (itself included) run fastbn's kernels, in place; return it.
 
-    - ``nn.BatchNorm1d/2d/3d`` (exact types) become :class:`BatchNorm1d` & co.
+    - ``nn.BatchNorm1d/2d/3d`` (exact types) become :class:`BatchNorm1d` & co., ``nn.SyncBatchNorm``
+      becomes :class:`fastbn.torch.SyncBatchNorm` (which also runs on CPU tensors).
     - Subclasses whose forward is batch norm followed by something (timm's ``BatchNormAct2d``: BN, drop
       path, activation; any ``F.silu(super().forward(x))``) become a subclass of their own class
       (``isinstance`` still holds) that runs fastbn's batch norm and then that something, unchanged;
@@ -244,10 +245,13 @@ def convert(module: nn.Module, *, strict: bool = False) -> nn.Module:
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    from fastbn.torch._sync import SyncBatchNorm
+
+    swap = {**_SWAP, nn.SyncBatchNorm: SyncBatchNorm}
     plan: list[tuple[nn.Module, type, Any]] = []
     refused: list[str] = []
     for name, m in module.named_modules():
-        cls = _SWAP.get(type(m))
+        cls = swap.get(type(m))
         if cls is not None:
             plan.append((m, cls, None))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FastBatchNormMixin):
