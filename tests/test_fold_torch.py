@@ -385,7 +385,7 @@ def test_folded_model_copies_pickles_and_refuses_training(tmp_path):
 
 # ------------------------------------------------------------------ issue 11 item 2: BN subclasses
 
-from torch_standins import (BatchNormAct2d, ConvNormAct, FrozenBatchNorm2d, ResidualBN, ScaledBN,  # noqa: E402
+from torch_standins import (ConvNormAct, FrozenBatchNorm2d, ResidualBN, ScaledBN,  # noqa: E402
                             SiluBN, TinyTimmNet, real_package)
 
 
@@ -447,6 +447,8 @@ def test_verified_path_keeps_subclass_tail():
 
     model = randomize_bn(Untraced()).double()
     folded, report = check(model, torch.randn(2, 3, 5, 5, dtype=torch.float64), method="verified")
+    # folded in place: the conv is the folded one, the BN slot runs only the BN's tail (SiLU)
+    assert type(folded.block.bn).__name__ == "_TailModule" and isinstance(folded.block.bn.bn.act, nn.SiLU)
 
 
 @pytest.mark.skipif(real_package("timm") is None, reason="timm does not import here (needs torchvision)")

@@ -133,7 +133,7 @@ import io  # noqa: E402
 import warnings  # noqa: E402
 
 import fastbn.torch._modules as fbt_modules  # noqa: E402
-from torch_standins import (BatchNormAct2d, DropPath, ResidualBN, ScaledBN, SiluBN,  # noqa: E402
+from torch_standins import (BatchNormAct2d, ResidualBN, ScaledBN, SiluBN,  # noqa: E402
                             TinyTimmNet)
 
 

@@ -2,7 +2,6 @@
 timeout so that a hang fails the test; plus the single-process behaviour and convert_sync_batchnorm."""
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import subprocess
