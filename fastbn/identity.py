@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fastbn.precise import PopulationStats, _Accumulator, _finish, _is_layer
+from fastbn.precise import PopulationStats, _Accumulator, _finish, check_layers_args
 
 __all__ = ["identity_init"]
 
@@ -79,25 +79,9 @@ def identity_init(layers: Any, batches: Iterable, *, forward: Callable[[Any], An
     >>> bool(np.allclose(model(x), ref, atol=1e-5))    # float32 parameters: rounding only
     True
     """
-    single = _is_layer(layers)
-    layer_list = [layers] if single else (list(layers) if isinstance(layers, Iterable) else None)
-    if not layer_list or not all(_is_layer(b) for b in layer_list):
-        raise TypeError("layers must be a BatchNorm layer (with running_mean, running_var and axis) or a "
-                        f"non-empty list of them, got {type(layers).__name__}")
-    for i, b in enumerate(layer_list):
-        for name in ("gamma", "beta", "running_mean", "running_var"):
-            v = getattr(b, name, None)
-            if not isinstance(v, np.ndarray) or not v.flags.writeable:
-                raise ValueError(f"layers[{i}].{name} must be a writeable array (an identity needs "
-                                 f"affine=True and track_running_stats=True), got {type(v).__name__}")
-    if isinstance(batches, np.ndarray) or not isinstance(batches, Iterable):
-        raise TypeError(f"batches must be an iterable, got {type(batches).__name__}")
-    if forward is None and not single:
-        raise ValueError("with several layers, pass forward= (the model's forward) to produce their inputs")
-    if forward is not None and not callable(forward):
-        raise TypeError(f"forward must be callable, got {type(forward).__name__}")
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 0):
-        raise ValueError(f"num_batches must be a non-negative int or None, got {num_batches!r}")
+    layer_list, single = check_layers_args(layers, batches, forward, num_batches,
+                                           ("gamma", "beta", "running_mean", "running_var"),
+                                           "affine=True and track_running_stats=True: an identity needs them")
 
     accs = [_Accumulator(b.axis, f"identity_init (layer {i})") for i, b in enumerate(layer_list)]
     source = batches if num_batches is None else islice(batches, num_batches)
