@@ -5,6 +5,8 @@ Public API (NumPy arrays in and out; see the README for examples):
 - ``batch_norm_train``, ``batch_norm_infer``, ``batch_norm_backward``: the functional kernels.
 - ``fastbn.kernels``: the jitted kernels themselves, callable from a user's ``@numba.njit`` code.
 - ``fold_conv``, ``fold_dense``, ... : folding frozen BN into neighbouring linear layers.
+- ``partial_stats``, ``merge_stats``, ``precise_statistics``, ``update_bn_stats``, ``identity_init``:
+  exact statistics over many batches, precise BN, identity initialization of new BN layers.
 - ``fastbn.onnx``, ``fastbn.torch``, ``fastbn.distributed``: optional integrations, imported on first use.
 
 ``import fastbn`` imports numpy and numba only and compiles nothing: names are resolved on first access
@@ -43,10 +45,11 @@ _EXPORTS: dict[str, str] = {
     "precise_statistics": "fastbn.precise",
     "update_bn_stats": "fastbn.precise",
     "PopulationStats": "fastbn.precise",
+    "identity_init": "fastbn.identity",
     "SyncBatchNorm": "fastbn.distributed",
 }
 _SUBMODULES = {"kernels", "functional", "fold", "onnx", "torch", "distributed", "cases", "layer", "fused",
-               "stats", "precise"}
+               "stats", "precise", "identity"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

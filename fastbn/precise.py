@@ -171,16 +171,24 @@ def _check_count(v, name: str) -> None:
         raise ValueError(f"{name} must be a non-negative int or None, got {v!r}")
 
 
-def _check_update_args(layers, layer_list, single: bool, batches, forward, num_batches) -> None:
+def check_layers_args(layers: Any, batches: Any, forward: Any, num_batches: Any, arrays: tuple[str, ...],
+                      needs: str) -> tuple[list, bool]:
+    """Validate the arguments of :func:`update_bn_stats`-like functions; return (layer list, single).
+
+    ``arrays``: the layer attributes that must be writeable ndarrays (``needs`` says which layer option
+    provides them, for the message).
+    """
+    single = _is_layer(layers)
+    layer_list = [layers] if single else (list(layers) if isinstance(layers, Iterable) else None)
     if not layer_list or not all(_is_layer(b) for b in layer_list):
         raise TypeError("layers must be a BatchNorm layer (with running_mean, running_var and axis) or a "
                         f"non-empty list of them, got {type(layers).__name__}")
     for i, b in enumerate(layer_list):
-        for name in ("running_mean", "running_var"):
-            v = getattr(b, name)
+        for name in arrays:
+            v = getattr(b, name, None)
             if not isinstance(v, np.ndarray) or not v.flags.writeable:
                 raise ValueError(f"layers[{i}].{name} must be a writeable array (a layer created with "
-                                 f"track_running_stats=True), got {type(v).__name__}")
+                                 f"{needs}), got {type(v).__name__}")
     if isinstance(batches, np.ndarray) or not isinstance(batches, Iterable):
         raise TypeError(f"batches must be an iterable, got {type(batches).__name__}")
     if forward is None and not single:
@@ -188,6 +196,7 @@ def _check_update_args(layers, layer_list, single: bool, batches, forward, num_b
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable, got {type(forward).__name__}")
     _check_count(num_batches, "num_batches")
+    return layer_list, single
 
 
 def update_bn_stats(layers: Any, batches: Iterable, *, forward: Callable[[Any], Any] | None = None,
@@ -237,15 +246,14 @@ def update_bn_stats(layers: Any, batches: Iterable, *, forward: Callable[[Any], 
     >>> model = lambda x: bn(x) * 2.0                      # or run a forward and record bn's inputs
     >>> s = fastbn.update_bn_stats([bn], batches, forward=model)
     """
-    layer_list = None
     try:  # with comm, a failure on this rank is raised on every rank, after one exchange
-        single = _is_layer(layers)
-        layer_list = [layers] if single else (list(layers) if isinstance(layers, Iterable) else None)
-        _check_update_args(layers, layer_list, single, batches, forward, num_batches)
+        layer_list, single = check_layers_args(layers, batches, forward, num_batches,
+                                               ("running_mean", "running_var"), "track_running_stats=True")
     except Exception as e:  # noqa: BLE001
         if comm is None:
             raise
-        _Accumulator(1, "update_bn_stats").result(comm, e, parts=len(layer_list or [None]))
+        parts = len(layers) if isinstance(layers, (list, tuple)) else 1
+        _Accumulator(1, "update_bn_stats").result(comm, e, parts=parts)
 
     accs = [_Accumulator(b.axis, f"update_bn_stats (layer {i})") for i, b in enumerate(layer_list)]
     source = batches if num_batches is None else islice(batches, num_batches)

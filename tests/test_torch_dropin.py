@@ -125,3 +125,103 @@ def test_batch_of_one_value_raises_like_torch_and_counts_nothing():
     assert int(mine.num_batches_tracked) == 0
     with pytest.raises(ValueError, match="expected 2D or 3D input"):
         mine(torch.randn(2, 3, 4, 5))
+
+
+# ------------------------------------------------------------------ BN subclasses (issue 11 item 2)
+
+import io  # noqa: E402
+import warnings  # noqa: E402
+
+import fastbn.torch._modules as fbt_modules  # noqa: E402
+from torch_standins import (BatchNormAct2d, ResidualBN, ScaledBN, SiluBN,  # noqa: E402
+                            TinyTimmNet)
+
+
+def _train_step(model, x, seed):
+    torch.manual_seed(seed)  # DropPath draws from torch's generator: the same draws for both models
+    xi = x.clone().requires_grad_()
+    y = model(xi)
+    (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    return y.detach(), xi.grad
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "channels_last"])
+def test_convert_batchnormact_subclasses_match_the_original(fmt, monkeypatch):
+    torch.manual_seed(0)
+    ref = TinyTimmNet().double()
+    mine = copy.deepcopy(ref)
+    keys = list(mine.state_dict())
+    fbt.convert(mine)
+    bns = [m for m in mine.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 3 and all(isinstance(m, BatchNormAct2d) for m in bns)
+    assert all(type(m).__name__ == "FastBatchNormAct2d" for m in bns) and list(mine.state_dict()) == keys
+    fused = []
+    orig = fbt_modules.batch_norm_relu_train
+    monkeypatch.setattr(fbt_modules, "batch_norm_relu_train", lambda *a, **k: fused.append(1) or orig(*a, **k))
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64) * 2 + 1
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    for step in range(2):
+        y0, dx0 = _train_step(ref, x, step)
+        y1, dx1 = _train_step(mine, x, step)
+        assert_close(y1.numpy(), y0.numpy(), 1e-12, "y")
+        assert_close(dx1.numpy(), dx0.numpy(), 1e-10, "dx")
+    assert len(fused) == 2  # the stem's BN + ReLU ran fused (once per step)
+    for (k, a), b in zip(ref.named_parameters(), mine.parameters()):
+        assert_close(b.grad.numpy(), a.grad.numpy(), 1e-10, k)
+    for k, v in ref.state_dict().items():
+        assert_close(mine.state_dict()[k].numpy(), v.numpy(), 1e-12, k)
+    ref.eval()
+    mine.eval()
+    y0, dx0 = _train_step(ref, x, 5)
+    y1, dx1 = _train_step(mine, x, 5)
+    assert_close(y1.numpy(), y0.numpy(), 1e-12, "eval y")
+    assert_close(dx1.numpy(), dx0.numpy(), 1e-12, "eval dx")
+
+
+def test_converted_subclass_follows_later_changes_copies_and_pickles():
+    bn = fbt.convert(BatchNormAct2d(3, act_layer=nn.ReLU).double())
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    bn.act = nn.SiLU()  # replaced after convert: the tail looks the child up at call time
+    ref = torch.nn.functional.silu(torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True))
+    assert_close(bn(x).detach().numpy(), ref.detach().numpy(), 1e-12)
+    for other in (copy.deepcopy(bn), torch.load(_saved(bn), weights_only=False)):
+        assert type(other) is type(bn) and isinstance(other.act, nn.SiLU)
+        assert_close(other.eval()(x).detach().numpy(), bn.eval()(x).detach().numpy(), 0)
+        bn.train()
+
+
+def _saved(m):
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_convert_refuses_other_subclasses_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), ScaledBN(4), ResidualBN(4), SiluBN(4), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"1 \(ScaledBN: .*; 2 \(ResidualBN"):
+        fbt.convert(copy.deepcopy(model), strict=True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fbt.convert(model)
+    assert len(w) == 1 and "ScaledBN" in str(w[0].message) and "SiluBN" not in str(w[0].message)
+    assert type(model[1]) is ScaledBN and type(model[2]) is ResidualBN
+    assert isinstance(model[3], SiluBN) and type(model[3]) is not SiluBN and type(model[4]) is fbt.BatchNorm2d
+    x = torch.randn(2, 3, 4, 4)
+    ref = copy.deepcopy(model)
+    for m in ref.modules():  # undo the conversion for the reference
+        if type(m) is fbt.BatchNorm2d:
+            m.__class__ = nn.BatchNorm2d
+        elif isinstance(m, SiluBN):
+            m.__class__ = SiluBN
+    assert_close(model(x).detach().numpy(), ref(x).detach().numpy(), 1e-5)
+
+
+def test_fold_model_of_a_converted_model():
+    model = fbt.convert(TinyTimmNet().double()).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    folded, report = fbt.fold_model(model, return_report=True)
+    assert len(report.folded) == 3, str(report)
+    with torch.no_grad():
+        assert_close(folded(x).numpy(), model(x).numpy(), 1e-10)

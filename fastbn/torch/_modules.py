@@ -1,5 +1,9 @@
 """Drop-in ``BatchNorm1d/2d/3d`` for PyTorch on the CPU, running fastbn's kernels, and ``convert``.
 
+``convert`` also takes BN subclasses whose forward is batch norm followed by something (timm's
+``BatchNormAct2d``: BN, drop path, activation): their class becomes a subclass of the original running
+fastbn's batch norm and then the original's tail (ReLU fused into the kernels when the tail is a ReLU).
+
 The modules subclass torch's own (same constructor, parameters, buffers and state_dict; ``isinstance(m,
 nn.BatchNorm2d)`` stays true). Their forward and backward run fastbn through a
 ``torch.autograd.Function`` on zero-copy NumPy views of the tensors: a ``channels_last`` tensor is a
@@ -9,12 +13,16 @@ TorchScript or ``torch.compile`` tracing) run torch's own implementation.
 """
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastbn.functional import batch_norm_backward, batch_norm_infer, batch_norm_train
+from fastbn.fused import batch_norm_relu_backward, batch_norm_relu_infer, batch_norm_relu_train
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
 
@@ -26,39 +34,46 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 
 
 class _FastBatchNormFn(torch.autograd.Function):
-    """y = batch_norm(x) via fastbn; backward via fastbn (training or frozen statistics)."""
+    """y = batch_norm(x) (then ReLU if ``relu``) via fastbn; backward via fastbn (training or frozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, relu):
         xa = x.detach().numpy()
         g, b = _np(weight), _np(bias)
         if use_batch_stats:
             # running buffers (if any) are updated in place through their NumPy views
-            y, mean, invstd = batch_norm_train(xa, g, b, axis=1, eps=eps, running_mean=_np(running_mean),
-                                               running_var=_np(running_var), momentum=momentum)
+            train = batch_norm_relu_train if relu else batch_norm_train
+            y, mean, invstd = train(xa, g, b, axis=1, eps=eps, running_mean=_np(running_mean),
+                                    running_var=_np(running_var), momentum=momentum)
         else:
             rm, rv = _np(running_mean), _np(running_var)
-            y = batch_norm_infer(xa, rm, rv, g, b, axis=1, eps=eps)
+            y = (batch_norm_relu_infer if relu else batch_norm_infer)(xa, rm, rv, g, b, axis=1, eps=eps)
             mean = rm.astype(np.float64)
             invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps)
-        ctx.save_for_backward(x, weight)
+        out = torch.from_numpy(y)
+        ctx.save_for_backward(x, weight, out if relu else None)
         ctx.fastbn_stats = (mean, invstd, not use_batch_stats)
-        return torch.from_numpy(y)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        x, weight, y = ctx.saved_tensors
         mean, invstd, frozen = ctx.fastbn_stats
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
-        dx, dgamma, dbeta = batch_norm_backward(dy.detach().numpy(), x.detach().numpy(), mean, invstd,
-                                                _np(weight), axis=1, frozen=frozen)
+        if y is None:
+            dx, dgamma, dbeta = batch_norm_backward(dy.detach().numpy(), x.detach().numpy(), mean, invstd,
+                                                    _np(weight), axis=1, frozen=frozen)
+        else:  # the ReLU mask is y > 0, applied inside the backward's passes
+            dx, dgamma, dbeta, _ = batch_norm_relu_backward(dy.detach().numpy(), x.detach().numpy(),
+                                                            y.numpy(), mean, invstd, _np(weight), axis=1,
+                                                            frozen=frozen)
         need = ctx.needs_input_grad
         dx_t = torch.from_numpy(dx) if need[0] else None
         dw = torch.from_numpy(dgamma).to(x.dtype) if need[1] else None
         db = torch.from_numpy(dbeta).to(x.dtype) if need[2] else None
-        return dx_t, dw, db, None, None, None, None, None
+        return dx_t, dw, db, None, None, None, None, None, None
 
 
 def _compiling() -> bool:
@@ -82,6 +97,9 @@ class _FastBatchNormMixin:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._fastbn_supports(input):
             return super().forward(input)
+        return self._fastbn_forward(input, False)
+
+    def _fastbn_forward(self, input: torch.Tensor, relu: bool) -> torch.Tensor:
         self._check_input_dim(input)
         # the same decisions as torch.nn.modules.batchnorm._BatchNorm.forward
         factor = 0.0 if self.momentum is None else self.momentum
@@ -91,7 +109,8 @@ class _FastBatchNormMixin:
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep = not self.training or self.track_running_stats
         y = _FastBatchNormFn.apply(input, self.weight, self.bias, self.running_mean if keep else None,
-                                   self.running_var if keep else None, use_batch_stats, factor, self.eps)
+                                   self.running_var if keep else None, use_batch_stats, factor, self.eps,
+                                   relu)
         if count:  # after the call succeeded (torch counts before its size check)
             self.num_batches_tracked.add_(1)
         return y
@@ -136,14 +155,81 @@ class BatchNorm3d(_FastBatchNormMixin, nn.BatchNorm3d):
 _SWAP = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
-def convert(module: nn.Module) -> nn.Module:
-    """Make every ``nn.BatchNorm1d/2d/3d`` in ``module`` (itself included) a fastbn drop-in, in place.
+class _FastTailMixin(_FastBatchNormMixin):
+    """forward() of a converted BN subclass: fastbn's batch norm, then the original forward's tail.
 
-    Like ``nn.SyncBatchNorm.convert_sync_batchnorm`` it returns the model, but the swap is done on the
-    modules themselves (their class changes to :class:`BatchNorm1d` & co.): parameters, buffers, hooks,
-    training mode and optimizers holding the parameters are untouched, and ``state_dict`` keys do not
-    change. Only modules whose type is exactly torch's class are converted (user subclasses may
-    override forward and are left alone).
+    ``self._fastbn_tail`` (a :class:`fastbn.torch._bnlike.Tail`) holds what the original forward does
+    after its batch norm; when it is (now) a single ReLU, the ReLU runs fused in fastbn's kernels.
+    Inputs fastbn does not handle run the original class's forward.
+    """
+
+    def forward(self, input: torch.Tensor) -> Any:
+        if not self._fastbn_supports(input):
+            return super().forward(input)
+        tail = self._fastbn_tail
+        relu = tail.single_relu(self)
+        y = self._fastbn_forward(input, relu)
+        return y if relu else tail(self, y)
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # the class is made at run time: pickle as the original class, converted again on loading
+        return _reconvert, (type(self).__bases__[1],), self.__getstate__()
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _fast_subclass(cls: type) -> type:
+    new = _SUBCLASSES.get(cls)
+    if new is None:
+        new = type(f"Fast{cls.__name__}", (_FastTailMixin, cls),
+                   {"__module__": __name__, "__doc__": f"{cls.__qualname__} running fastbn's batch norm "
+                                                       "(made by fastbn.torch.convert)."})
+        _SUBCLASSES[cls] = new
+    return new
+
+
+def _reconvert(cls: type) -> nn.Module:
+    obj = cls.__new__(cls)
+    obj.__class__ = _fast_subclass(cls)
+    return obj
+
+
+def _subclass_tail(m: nn.Module) -> Any:
+    """The tail of a BN subclass's forward (the same in training and eval mode), or NotBatchNorm."""
+    from fastbn.torch._bnlike import NotBatchNorm, _bn_tail
+
+    if isinstance(m, nn.SyncBatchNorm):
+        raise NotBatchNorm("a SyncBatchNorm subclass (synchronizes across processes; see "
+                           "fastbn.torch.convert_sync_batchnorm)")
+    tails = [_bn_tail(m, training) for training in (True, False)]
+    if tails[0].code.src != tails[1].code.src:
+        raise NotBatchNorm("what follows its batch norm differs between training and eval mode")
+    return tails[1]
+
+
+def convert(module: nn.Module, *, strict: bool = False) -> nn.Module:
+    """Make every batch norm in ``module`` (itself included) run fastbn's kernels, in place; return it.
+
+    - ``nn.BatchNorm1d/2d/3d`` (exact types) become :class:`BatchNorm1d` & co., ``nn.SyncBatchNorm``
+      becomes :class:`fastbn.torch.SyncBatchNorm` (which also runs on CPU tensors).
+    - Subclasses whose forward is batch norm followed by something (timm's ``BatchNormAct2d``: BN, drop
+      path, activation; any ``F.silu(super().forward(x))``) become a subclass of their own class
+      (``isinstance`` still holds) that runs fastbn's batch norm and then that something, unchanged;
+      when it is a ReLU (after optional ``nn.Identity``), fused BN + ReLU kernels run instead. The
+      module's forward is traced with ``torch.fx`` to establish this.
+    - Other subclasses (anything else in their forward, SyncBatchNorm) are left alone and named in a
+      warning (``strict=True``: a ValueError, with nothing converted).
+
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm`` it returns the model, but the swap changes the
+    modules' classes in place: parameters, buffers, hooks, training mode and optimizers holding the
+    parameters are untouched, and ``state_dict`` keys do not change. Input fastbn does not handle
+    (other devices, half precision, ...) runs torch's (or the subclass's own) forward.
+
+    Parameters
+    ----------
+    module : torch.nn.Module.
+    strict : raise instead of warning when a BN subclass cannot be converted.
 
     Example
     -------
@@ -155,10 +241,31 @@ def convert(module: nn.Module) -> nn.Module:
     >>> type(model[1]).__module__
     'fastbn.torch._modules'
     """
+    from fastbn.torch._bnlike import NotBatchNorm
+
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    for m in module.modules():
-        cls = _SWAP.get(type(m))
+    from fastbn.torch._sync import SyncBatchNorm
+
+    swap = {**_SWAP, nn.SyncBatchNorm: SyncBatchNorm}
+    plan: list[tuple[nn.Module, type, Any]] = []
+    refused: list[str] = []
+    for name, m in module.named_modules():
+        cls = swap.get(type(m))
         if cls is not None:
-            m.__class__ = cls
+            plan.append((m, cls, None))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FastBatchNormMixin):
+            try:
+                plan.append((m, _fast_subclass(type(m)), _subclass_tail(m)))
+            except NotBatchNorm as e:
+                refused.append(f"{name or '(the module itself)'} ({type(m).__qualname__}: {e})")
+    if refused and strict:
+        raise ValueError("convert: cannot convert " + "; ".join(refused))
+    for m, cls, tail in plan:
+        if tail is not None:
+            m._fastbn_tail = tail
+        m.__class__ = cls
+    if refused:
+        warnings.warn("fastbn.torch.convert left these batch norm subclasses as they are (their forward is "
+                      "not batch norm followed by something): " + "; ".join(refused), stacklevel=2)
     return module
