@@ -136,6 +136,21 @@ def running_vector(v, name: str, C: int) -> np.ndarray:
     return v
 
 
+class _Alias:
+    """Holds a read-only array and exposes its memory as writable (for _writable_alias)."""
+
+    def __init__(self, arr: np.ndarray):
+        self.base = arr
+        iface = dict(arr.__array_interface__)
+        iface["data"] = (iface["data"][0], False)
+        self.__array_interface__ = iface
+
+
+def _writable_alias(arr: np.ndarray) -> np.ndarray:
+    """A writable view of a read-only array's memory (the result keeps ``arr`` alive)."""
+    return np.asarray(_Alias(arr))
+
+
 @dataclass(slots=True)
 class Layout:
     """How an N-d array maps onto the kernels' (A, C, B) view.
@@ -151,10 +166,16 @@ class Layout:
     B: int
 
     def view(self, arr: np.ndarray) -> np.ndarray:
-        """arr (same shape as the reference) as a C-contiguous (A, C, B) array; copies only if needed."""
+        """arr (same shape as the reference) as a C-contiguous (A, C, B) array; copies only if needed.
+
+        A read-only input comes back as a writable view of the same memory: the kernels never write
+        their inputs, and Numba compiles a kernel again for every read-only combination of its arguments.
+        """
         t = arr if self.order is None else arr.transpose(self.order)
         if not t.flags.c_contiguous:
             t = np.ascontiguousarray(t)
+        elif not t.flags.writeable:
+            t = _writable_alias(t)
         return t.reshape(self.A, self.C, self.B)
 
     def empty(self, dtype) -> np.ndarray:
