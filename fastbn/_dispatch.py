@@ -1,6 +1,7 @@
 """Which compiled variant of a kernel runs a call: the one place that chooses ``.serial`` or ``.parallel``.
 
-Every public wrapper calls ``pick(kernel, size)(*args)``. The serial variant runs when
+Every public function reaches the kernels through ``fastbn._run``, which calls
+``call(kernel, flags, size, *args)`` here. The serial variant runs when
 
 - the input is small (``size < SERIAL_MAX_ELEMS``): a parallel region costs more than it saves there;
 - the calling thread has one Numba thread (``numba.set_num_threads(1)``);
@@ -23,10 +24,9 @@ pays one comparison; a large one ~0.7 us for ``numba.get_num_threads()``, as bef
 """
 from __future__ import annotations
 
-import functools
 import os
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import numba
 
@@ -43,33 +43,33 @@ _serial_after_fork = False
 _pool_lock = threading.Lock()
 
 
-def pick(kernel: Any, size: int) -> Callable:
-    """The variant of ``kernel`` (a :class:`fastbn._jit.Kernel`) to run on an input of ``size`` elements."""
+def call(kernel: Any, flags: tuple, size: int, *args: Any) -> Any:
+    """Run the variant of ``kernel`` (a :class:`fastbn._jit.Kernel`) for ``flags`` (its compile-time flag
+    values) on an input of ``size`` elements: ``kernel.variant((parallel,) + flags)(nth, *args)``, where
+    ``nth`` is the number of threads the variant spreads its work over (1 for the serial one)."""
     if size < SERIAL_MAX_ELEMS:
-        return kernel.serial
+        return kernel.variant((False,) + flags)(1, *args)
     if _free:
-        return kernel.serial if numba.get_num_threads() == 1 else kernel.parallel
-    return _pick_slow(kernel)
+        n = numba.get_num_threads()
+        if n == 1:
+            return kernel.variant((False,) + flags)(1, *args)
+        return kernel.variant((True,) + flags)(n, *args)
+    return _call_slow(kernel, flags, args)
 
 
-def _pick_slow(kernel: Any) -> Callable:
+def _call_slow(kernel: Any, flags: tuple, args: tuple) -> Any:
     global _free
     if _serial_after_fork:
-        return kernel.serial
+        return kernel.variant((False,) + flags)(1, *args)
     threads = numba.get_num_threads()  # starts Numba's thread pool: the layer is known from here on
     if numba.threading_layer() != "workqueue":
         _free = True
-        return kernel.serial if threads == 1 else kernel.parallel
-    if threads == 1:
-        return kernel.serial
-    return functools.partial(_one_at_a_time, kernel)
-
-
-def _one_at_a_time(kernel: Any, *args):
-    if not _pool_lock.acquire(blocking=False):
-        return kernel.serial(*args)  # another thread holds the pool: run here, same bits
+        return call(kernel, flags, SERIAL_MAX_ELEMS, *args)
+    if threads == 1 or not _pool_lock.acquire(blocking=False):
+        # one thread, or another thread holds the workqueue pool: run here (same bits)
+        return kernel.variant((False,) + flags)(1, *args)
     try:
-        return kernel.parallel(*args)
+        return kernel.variant((True,) + flags)(threads, *args)
     finally:
         _pool_lock.release()
 

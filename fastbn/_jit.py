@@ -18,8 +18,8 @@ kernel source file: ``fastbn/_cache.py``.
 """
 from __future__ import annotations
 
+import threading
 import types
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numba
@@ -27,6 +27,10 @@ import numba
 from fastbn._cache import tree_cache_class
 
 _REDUCTION_FLAGS = {"reassoc"}
+# Only explicit prange loops run in parallel: the automatic conversions (NumPy calls, array expressions,
+# loop fusion) find nothing to do in fastbn's kernels and cost compile time looking.
+PARALLEL_OPTIONS = {"prange": True, "comprehension": False, "reduction": False, "setitem": False,
+                    "numpy": False, "stencil": False, "fusion": False, "inplace_binop": False}
 
 
 def _jit(fn: Callable, **options):
@@ -47,9 +51,13 @@ def helper(fn: Callable | None = None, *, reduction: bool = False, inline: bool 
     """Decorate a jitted helper.
 
     ``reduction=True`` lets LLVM vectorize its float sums. ``inline=True`` inlines it at Numba's IR level
-    (``inline='always'``), before the parfor pass: a ``prange`` in it then runs in parallel inside a
-    ``.parallel`` kernel and as ``range`` inside a ``.serial`` one. That is how kernels share whole passes
-    (``fastbn/_kernels/passes.py``): measured 2.0x with 2 threads for an inlined ``prange`` body.
+    (``inline='always'``) instead of compiling it as a function of its own: for small helpers and for the
+    compositions in ``_kernels/core.py``, whose ``prange`` loops then run in parallel inside a kernel's
+    parallel variant and as ``range`` inside its serial one.
+
+    Why it matters: Numba links every callee's code into its caller and optimizes the whole again, so a loop
+    costs compile time once per level of calls above it (a helper 30 loops long: 1.0 s, then 0.5 s more for
+    each caller above it). Kernels keep their loops few levels down: row loop, task, kernel.
     """
 
     def wrap(f: Callable):
@@ -58,41 +66,150 @@ def helper(fn: Callable | None = None, *, reduction: bool = False, inline: bool 
             opts["fastmath"] = _REDUCTION_FLAGS
         if inline:
             opts["inline"] = "always"
-        return _jit(f, **opts)
+        disp = _jit(f, **opts)
+        _register(f.__name__, disp, inline)
+        return disp
 
     return wrap(fn) if fn is not None else wrap
 
 
-@dataclass(frozen=True)
 class Kernel:
-    """A kernel compiled two ways from the same source.
+    """A kernel's compiled variants, all from one source function.
 
-    ``parallel`` runs its ``prange`` loops on Numba's thread pool; ``serial`` runs them in the calling
-    thread. Both compute in the same order (work is split into chunks that depend on the shape only),
-    so they return bitwise identical results.
+    A variant is parallel (its ``prange`` loops run on Numba's thread pool) or serial (they run in the
+    calling thread), with a value for each of the kernel's compile-time flags: module-level names the
+    source reads (``RELU``, ``STREAM``, ...), frozen into the variant as constants. Numba passes a constant
+    to a callee as a literal, so the tasks and loops under a variant are compiled for exactly its flags: a
+    plain batch norm compiles no ReLU or streaming-store loop. Variants compile on first use.
+
+    All variants of a kernel split work into chunks that depend on the shape only, so parallel and
+    serial variants return bitwise identical results.
     """
 
-    name: str
-    parallel: Any
-    serial: Any
+    def __init__(self, fn: Callable, flags: tuple[str, ...]):
+        self.name = fn.__name__
+        self.py_func = fn
+        self.flags = flags
+        self._variants: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, parallel: bool = True, **flags: int):
+        """The dispatcher of one variant (flags not given are False)."""
+        values = tuple(int(flags.pop(f, 0)) for f in self.flags)
+        if flags:
+            raise TypeError(f"kernel {self.name} has no flag(s) {sorted(flags)}; flags: {self.flags}")
+        return self.variant((bool(parallel),) + values)
+
+    def variant(self, key: tuple):
+        """The dispatcher for ``key`` = (parallel, *flag values in the order of ``flags``): the fast path
+        for callers that build the key themselves."""
+        disp = self._variants.get(key)
+        if disp is None:
+            if len(key) != len(self.flags) + 1:
+                raise TypeError(f"kernel {self.name}: variant key {key} does not match flags {self.flags}")
+            with self._lock:
+                disp = self._variants.get(key)
+                if disp is None:
+                    disp = self._variants[key] = self._make((bool(key[0]),) + tuple(int(k) for k in key[1:]))
+        return disp
+
+    def _make(self, key):
+        parallel, values = key[0], key[1:]
+        fn = self.py_func
+        glb = dict(fn.__globals__)
+        # bool flags stay bools (Numba types a global True as a boolean literal; 1 would be an int)
+        glb.update((f, v if not isinstance(fn.__globals__.get(f), bool) else bool(v))
+                   for f, v in zip(self.flags, values))
+        # Numba names cache files after the qualname: every variant needs its own.
+        suffix = "__" + ("par" if parallel else "ser") + "".join(
+            f"_{f.lower()}{int(v)}" for f, v in zip(self.flags, values) if v)
+        new = types.FunctionType(fn.__code__, glb, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+        new.__qualname__ = fn.__qualname__ + suffix
+        new.__doc__ = fn.__doc__
+        new.__module__ = fn.__module__
+        return _jit(new, parallel=PARALLEL_OPTIONS) if parallel else _jit(new)
+
+    @property
+    def parallel(self):
+        return self.get(True)
+
+    @property
+    def serial(self):
+        return self.get(False)
 
     def __call__(self, *args):
         return self.parallel(*args)
 
-
-def _renamed_copy(fn: Callable, suffix: str) -> Callable:
-    # Numba's cache files are named after the function's qualname; the serial copy needs a name of its
-    # own or the two variants would overwrite each other's cache entries.
-    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__,
-                             fn.__closure__)
-    new.__qualname__ = fn.__qualname__ + suffix
-    new.__doc__ = fn.__doc__
-    new.__module__ = fn.__module__
-    return new
+    def __repr__(self) -> str:
+        return f"<fastbn kernel {self.name} flags={self.flags} variants={len(self._variants)}>"
 
 
-def kernel(fn: Callable) -> Kernel:
-    """Decorate a kernel: returns a :class:`Kernel` with ``.parallel`` and ``.serial`` dispatchers."""
-    par = _jit(fn, parallel=True)
-    ser = _jit(_renamed_copy(fn, "_serial"))
-    return Kernel(fn.__name__, par, ser)
+def kernel(*flags: str) -> Callable[[Callable], Kernel]:
+    """Decorate a kernel whose source reads the compile-time ``flags`` (module-level names, False by
+    default); see :class:`Kernel`."""
+
+    def wrap(fn: Callable) -> Kernel:
+        return Kernel(fn, tuple(flags))
+
+    return wrap
+
+
+# ---- compile-time choice between implementations. A flag that reaches a function as a literal (a kernel
+# variant's constant, see Kernel) does not prune the branches it guards: Numba still types and compiles
+# every callee under a dead ``if``. These pick the callee while typing, so the others are never compiled.
+# Callees are named by string (a dispatcher passed as an argument would be a run-time object, which makes
+# the caller uncacheable); every @helper is registered under its name.
+
+_HELPERS: dict[str, Any] = {}
+
+
+def _register(name: str, disp: Any, inline: bool) -> None:
+    if inline:  # Numba's inliner cannot take the *args of choose()'s implementations
+        return
+    if name in _HELPERS and _HELPERS[name].py_func.__module__ != disp.py_func.__module__:
+        raise RuntimeError(f"two fastbn helpers named {name!r}: choose() needs unique names")
+    _HELPERS[name] = disp
+
+
+def _make_choices():
+    from numba import types
+    from numba.core import cgutils
+    from numba.core.typing import signature
+    from numba.extending import intrinsic
+
+    def call(typingctx, name, args, outer_args):
+        disp = _HELPERS[name]
+        fnty = typingctx.resolve_value_type(disp)
+        inner = typingctx.resolve_function_type(fnty, tuple(args.types), {})
+        if inner is None:
+            raise TypeError(f"fastbn: no signature of {name} for {args}")
+
+        def codegen(context, builder, sig, llargs):
+            vals = cgutils.unpack_tuple(builder, llargs[-1], len(args))
+            return context.get_function(fnty, inner)(builder, vals)
+
+        return signature(inner.return_type, *outer_args), codegen
+
+    @intrinsic(prefer_literal=True)
+    def choose(typingctx, flag, f_true, f_false, args):
+        """``f_true(*args)`` if ``flag`` else ``f_false(*args)`` (helpers named by string, ``args`` a
+        tuple); the flag must be a literal and only the chosen helper is compiled and called, directly."""
+        if not isinstance(flag, types.BooleanLiteral) or not isinstance(args, types.BaseTuple):
+            return None
+        name = (f_true if flag.literal_value else f_false).literal_value
+        return call(typingctx, name, args, (flag, f_true, f_false, args))
+
+    @intrinsic(prefer_literal=True)
+    def choose_by_layout(typingctx, cl, owned, f_cl, f_owned, f_split, args):
+        """``f_cl`` if ``cl``, else ``f_owned`` if ``owned``, else ``f_split``, called with the tuple
+        ``args`` (helpers named by string, literal flags)."""
+        if not (isinstance(cl, types.BooleanLiteral) and isinstance(owned, types.BooleanLiteral)
+                and isinstance(args, types.BaseTuple)):
+            return None
+        name = (f_cl if cl.literal_value else (f_owned if owned.literal_value else f_split)).literal_value
+        return call(typingctx, name, args, (cl, owned, f_cl, f_owned, f_split, args))
+
+    return choose, choose_by_layout
+
+
+choose, choose_by_layout = _make_choices()

@@ -174,12 +174,14 @@ def check_momentum(momentum, name: str = "momentum") -> float:
 
 
 def channel_vector(v, name: str, C: int, default: float | None = None) -> np.ndarray:
-    """A per-channel parameter as a contiguous float64 (C,) array (converted from any float dtype)."""
+    """A per-channel parameter as a contiguous, writable float64 (C,) array (converted from any float
+    dtype; a read-only one is copied: Numba compiles a kernel again for read-only arguments)."""
     if v is None:
         if default is None:
             raise TypeError(f"{name} is required")
         return _constant_vector(C, default)
-    if type(v) is np.ndarray and v.dtype is _F64 and v.ndim == 1 and v.shape[0] == C and v.flags.c_contiguous:
+    if (type(v) is np.ndarray and v.dtype is _F64 and v.ndim == 1 and v.shape[0] == C and v.flags.c_contiguous
+            and v.flags.writeable):
         return v
     if not isinstance(v, np.ndarray):
         v = np.asarray(v)
@@ -187,7 +189,8 @@ def channel_vector(v, name: str, C: int, default: float | None = None) -> np.nda
         raise TypeError(f"{name} must be a float array of length {C}, got dtype {v.dtype}")
     if v.ndim != 1 or v.shape[0] != C:
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), got {v.shape}")
-    return np.ascontiguousarray(v, dtype=np.float64)
+    out = np.ascontiguousarray(v, dtype=np.float64)
+    return out if out.flags.writeable else out.copy()
 
 
 def running_vector(v, name: str, C: int) -> np.ndarray:
@@ -201,6 +204,21 @@ def running_vector(v, name: str, C: int) -> np.ndarray:
     if not v.flags.writeable:
         raise ValueError(f"{name} must be writeable (it is updated in place)")
     return v
+
+
+class _Alias:
+    """Holds a read-only array and exposes its memory as writable (for _writable_alias)."""
+
+    def __init__(self, arr: np.ndarray):
+        self.base = arr
+        iface = dict(arr.__array_interface__)
+        iface["data"] = (iface["data"][0], False)
+        self.__array_interface__ = iface
+
+
+def _writable_alias(arr: np.ndarray) -> np.ndarray:
+    """A writable view of a read-only array's memory (the result keeps ``arr`` alive)."""
+    return np.asarray(_Alias(arr))
 
 
 @dataclass(slots=True)
@@ -218,10 +236,16 @@ class Layout:
     B: int
 
     def view(self, arr: np.ndarray) -> np.ndarray:
-        """arr (same shape as the reference) as a C-contiguous (A, C, B) array; copies only if needed."""
+        """arr (same shape as the reference) as a C-contiguous (A, C, B) array; copies only if needed.
+
+        A read-only input comes back as a writable view of the same memory: the kernels never write
+        their inputs, and Numba compiles a kernel again for every read-only combination of its arguments.
+        """
         t = arr if self.order is None else arr.transpose(self.order)
         if not t.flags.c_contiguous:
             t = np.ascontiguousarray(t)
+        elif not t.flags.writeable:
+            t = _writable_alias(t)
         return t.reshape(self.A, self.C, self.B)
 
     def empty(self, dtype) -> np.ndarray:

@@ -42,11 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from fastbn._dispatch import pick as _pick
-from fastbn._kernels.fused import apply_act as _apply_act
-from fastbn._kernels.partial import grad_sums as _grad_sums
-from fastbn._kernels.partial import input_grad as _input_grad
-from fastbn._kernels.partial import partial_stats as _partial_stats
+from fastbn import _run
 from fastbn._validate import (Layout, as_input, channel_vector, check_eps, check_flag, copy_back, like_x,
                               normalize_axis, output_buffer, resolve_layout, running_pair, unaliased)
 from fastbn.functional import BackwardResult, TrainStats
@@ -185,7 +181,7 @@ def global_stats(comm: Any, what: str, error: BaseException | None, x3: np.ndarr
     local = np.zeros((2, C))
     if error is None and n_local > 0:
         try:
-            _pick(_partial_stats, x3.size)(x3, local[0], local[1])
+            local[...] = _run.stats(x3)
         except Exception as e:  # noqa: BLE001  every rank must still reach the header exchange
             error = e
     counts, gathered = exchange(comm, what, error, C, n_local, local, tag=op_tag(OP_FORWARD))
@@ -204,7 +200,7 @@ def normalize_into(x: np.ndarray, lay: Layout, y: np.ndarray, y3: np.ndarray, co
         return
     x3 = lay.view(x)
     r3 = x3 if residual is None else lay.view(residual)
-    _pick(_apply_act, x.size)(x3, r3, y3, mean, scale, shift, bool(relu), residual is not None)
+    _run.normalize(x3, None if residual is None else r3, y3, mean, scale, scale, shift, 0.0, False, bool(relu))
     if copy:
         copy_back(y, y3, lay)
 
@@ -219,7 +215,7 @@ def global_grad_sums(comm: Any, what: str, error: BaseException | None, dy3: np.
     local = np.zeros((2, C))
     if error is None and n_local > 0:
         try:
-            _pick(_grad_sums, x3.size)(dy3, x3, y3 if relu else x3, mean, bool(relu), local[0], local[1])
+            local[...] = _run.grad_sums(dy3, x3, y3 if relu else None, mean)
         except Exception as e:  # noqa: BLE001  every rank must still reach the header exchange
             error = e
     counts, gathered = exchange(comm, what, error, C, n_local, local, tag=op_tag(OP_BACKWARD))
@@ -247,8 +243,7 @@ def input_grad_into(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3:
     k_x = -k_dy * invstd * invstd * dot / n
     k_0 = -k_dy * sum_dy / n
     relu = y3 is not None
-    _pick(_input_grad, x3.size)(dy3, x3, y3 if relu else x3, dx3, dx3 if dres3 is None else dres3, mean,
-                                k_dy, k_x, k_0, relu, dres3 is not None)
+    _run.input_grad(dy3, x3, y3 if relu else None, dx3, dres3, np.stack([mean, k_dy, k_x, k_0]))
 
 
 # ------------------------------------------------------------------------------ functional API

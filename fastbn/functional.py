@@ -12,14 +12,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastbn._dispatch import pick as _pick
-from fastbn._kernels.backward import backward as _backward
-from fastbn._kernels.forward import infer_forward as _infer_forward
-from fastbn._kernels.forward import train_forward as _train_forward
+from fastbn import _run
 from fastbn._validate import (as_input, channel_vector, check_eps, check_flag, check_running_var, copy_back,
                               like_x, normalize_axis, output_buffer, resolve_layout, running_pair, unaliased)
 
-_NO_RUNNING = np.empty(0)
 
 
 class TrainStats(NamedTuple):
@@ -36,14 +32,6 @@ class BackwardResult(NamedTuple):
     dx: np.ndarray
     dgamma: np.ndarray
     dbeta: np.ndarray
-
-
-def _running_for_kernel(v: np.ndarray) -> np.ndarray:
-    # the kernel updates float32/float64 contiguous arrays in place; anything else goes through a
-    # float64 copy written back after the call succeeds
-    if v.dtype in (np.float32, np.float64) and v.flags.c_contiguous and v.dtype.isnative:
-        return v
-    return v.astype(np.float64)
 
 
 def batch_norm_train(x, gamma=None, beta=None, *, axis: int = 1, eps: float = 1e-5,
@@ -98,23 +86,13 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis: int = 1, eps: float = 1e
     update, momentum = running_pair(running_mean, running_var, momentum, C, x, out)
     if update or out is not None:
         g, b = unaliased((g, b), out, running_mean, running_var)
-    if update:
-        rm = _running_for_kernel(running_mean)
-        rv = _running_for_kernel(running_var)
-    else:
-        rm = rv = _NO_RUNNING
     y, y3, copy = output_buffer(out, "out", lay, x.dtype, (x,))
-    mean = np.empty(C)
-    invstd = np.empty(C)
-    _pick(_train_forward, x.size)(lay.view(x), g, b, eps, y3, mean, invstd, rm, rv, float(momentum), update)
+    st = _run.train(lay.view(x), None, y3, g, b, eps)
     if copy:
         copy_back(y, y3, lay)
     if update:
-        if rm is not running_mean:
-            running_mean[...] = rm
-        if rv is not running_var:
-            running_var[...] = rv
-    return TrainStats(y, mean, invstd)
+        _run.update_running(running_mean, running_var, st[0], st[1] * (n / (n - 1)), momentum)
+    return TrainStats(y, st[0], st[2])
 
 
 def batch_norm_infer(x, running_mean, running_var, gamma=None, beta=None, *, axis: int = 1,
@@ -159,7 +137,7 @@ def batch_norm_infer(x, running_mean, running_var, gamma=None, beta=None, *, axi
     if out is not None:
         rm, rv, g, b = unaliased((rm, rv, g, b), out)
     y, y3, copy = output_buffer(out, "out", lay, x.dtype, (x,))
-    _pick(_infer_forward, x.size)(lay.view(x), rm, rv, g, b, eps, y3)
+    _run.normalize(lay.view(x), None, y3, rm, g, rv, b, eps, True)
     if copy:
         copy_back(y, y3, lay)
     return y
@@ -212,12 +190,10 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis: int = 1, out: 
     if out is not None:
         m, inv, g = unaliased((m, inv, g), out)
     dx, dx3, copy = output_buffer(out, "out", lay, x.dtype, (x, dy))
-    dgamma = np.empty(C)
-    dbeta = np.empty(C)
-    _pick(_backward, x.size)(lay.view(dy), lay.view(x), m, inv, g, dx3, dgamma, dbeta, frozen)
+    sums = _run.backward(lay.view(dy), lay.view(x), None, dx3, None, m, inv, g, frozen)
     if copy:
         copy_back(dx, dx3, lay)
-    return BackwardResult(dx, dgamma, dbeta)
+    return BackwardResult(dx, sums[0], sums[1])
 
 
 def batch_norm_backward_frozen(dy, x, running_mean, running_var, gamma=None, *, axis: int = 1,

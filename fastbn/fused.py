@@ -14,10 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastbn._dispatch import pick as _pick
-from fastbn._kernels.fused import apply_act as _apply_act
-from fastbn._kernels.fused import backward_act as _backward_act
-from fastbn._kernels.fused import train_forward_act as _train_forward_act
+from fastbn import _run
 from fastbn._validate import (as_input, channel_vector, check_eps, check_flag, check_running_var, copy_back,
                               like_x, normalize_axis, output_buffer, resolve_layout, running_pair, unaliased)
 from fastbn.functional import TrainStats
@@ -25,7 +22,6 @@ from fastbn.functional import TrainStats
 __all__ = ["batch_norm_relu_train", "batch_norm_relu_infer", "batch_norm_relu_backward",
            "ReluBackwardResult"]
 
-_NO_CLIP = np.array([0.0, np.inf, np.inf])
 
 
 class ReluBackwardResult(NamedTuple):
@@ -70,15 +66,8 @@ def train_core(x: np.ndarray, axis: int, g: np.ndarray, b: np.ndarray, eps: floa
     inputs = (x,) if residual is None else (x, residual)
     y, y3, copy = output_buffer(out, "out", lay, x.dtype, inputs)
     x3 = lay.view(x)
-    r3 = x3 if residual is None else lay.view(residual)
-    C = lay.C
-    mean, var, invstd, r, d = (np.empty(C) for _ in range(5))
-    if renorm is None:
-        rn_mean, rn_std, clip = g, g, _NO_CLIP
-    else:
-        rn_mean, rn_std, clip = renorm
-    _pick(_train_forward_act, x.size)(x3, r3, y3, g, b, eps, bool(relu), residual is not None,
-                                       renorm is not None, rn_mean, rn_std, clip, mean, var, invstd, r, d)
+    r3 = None if residual is None else lay.view(residual)
+    mean, var, invstd, r, d = _run.train(x3, r3, y3, g, b, eps, bool(relu), renorm)
     if copy:
         copy_back(y, y3, lay)
     return _Forward(y, mean, var, invstd, r, d, n)
@@ -93,8 +82,8 @@ def apply_core(x: np.ndarray, axis: int, mean: np.ndarray, scale: np.ndarray, sh
     inputs = (x,) if residual is None else (x, residual)
     y, y3, copy = output_buffer(out, "out", lay, x.dtype, inputs)
     x3 = lay.view(x)
-    r3 = x3 if residual is None else lay.view(residual)
-    _pick(_apply_act, x.size)(x3, r3, y3, mean, scale, shift, bool(relu), residual is not None)
+    r3 = None if residual is None else lay.view(residual)
+    _run.normalize(x3, r3, y3, mean, scale, scale, shift, 0.0, False, bool(relu))
     if copy:
         copy_back(y, y3, lay)
     return y
@@ -118,12 +107,9 @@ def backward_core(dy: np.ndarray, x: np.ndarray, y: np.ndarray | None, axis: int
             raise ValueError("residual_out must not overlap out (they receive different gradients)")
         dres, dr3, copy_r = output_buffer(dres_out, "residual_out", lay, x.dtype, inputs)
     x3 = lay.view(x)
-    y3 = lay.view(y) if relu else x3
-    C = lay.C
-    dgamma = np.empty(C)
-    dbeta = np.empty(C)
-    _pick(_backward_act, x.size)(lay.view(dy), x3, y3, dx3, dr3, mean, invstd, g, relu, bool(want_dres),
-                                  bool(frozen), dgamma, dbeta)
+    y3 = lay.view(y) if relu else None
+    dgamma, dbeta = _run.backward(lay.view(dy), x3, y3, dx3, dr3 if want_dres else None, mean, invstd, g,
+                                  bool(frozen))
     if copy:
         copy_back(dx, dx3, lay)
     if copy_r:

@@ -3,9 +3,10 @@
 Every kernel works on a C-contiguous 3-D view ``(A, C, B)`` of the data: ``A`` outer positions,
 ``C`` channels, ``B`` inner positions, so a channels-first (N, C, H, W) array is ``x.reshape(N, C, H*W)``,
 a channels-last (N, H, W, C) array is ``x.reshape(N*H*W, C, 1)`` and a dense (N, C) array is
-``x.reshape(N, C, 1)``. ``B == 1`` selects the channels-last loops. Per-channel arrays are float64
-``(C,)``; running statistics may be float32 or float64. The kernels check shapes (raising ValueError) but
-not dtypes or contiguity: that is the public wrappers' job (``fastbn.batch_norm_train`` & co.).
+``x.reshape(N, C, 1)``. ``B == 1`` selects the channels-last loops. Per-channel arrays are float (C,) arrays
+(any float dtype, read-only allowed); ``mean``, ``invstd``, ``dgamma``, ``dbeta`` outputs are float64;
+running statistics may be float32 or float64. The kernels check shapes (raising ValueError) but not dtypes
+or contiguity: that is the public wrappers' job (``fastbn.batch_norm_train`` & co.).
 
 - ``train_forward(x, gamma, beta, eps, y, mean, invstd, running_mean, running_var, momentum, update_running)``
   writes y, mean, invstd; updates the running statistics in place when ``update_running`` is True
@@ -13,19 +14,19 @@ not dtypes or contiguity: that is the public wrappers' job (``fastbn.batch_norm_
 - ``infer_forward(x, running_mean, running_var, gamma, beta, eps, y)``; ``y`` may be ``x``.
 - ``backward(dy, x, mean, invstd, gamma, dx, dgamma, dbeta, frozen)``; ``frozen=True`` for eval mode.
 
-Fused and piecewise kernels (see their docstrings for the exact contracts):
+Each runs its loops on Numba's thread pool; ``<name>_serial`` is the same kernel without a parallel region
+(same results, bit for bit), for small inputs or for calling from inside your own ``prange`` loop. They
+choose the compiled variant for the input's layout at run time, so their first compile builds every
+layout's variant (channels-last; channels-first with long or short rows, many or few channels): about
+15-25 s per kernel, once (Numba's on-disk cache keeps it, for your function too with ``cache=True``).
+They do not use streaming stores (``fastbn.batch_norm_train`` & co. do, for outputs over 16 MiB).
 
-- ``train_forward_act(x, res, y, gamma, beta, eps, relu, has_res, renorm, rn_mean, rn_std, clip, mean, var,
-  invstd, r, d)``: training forward with optional residual add, ReLU and batch-renorm correction.
-- ``apply_act(x, res, y, mean, scale, shift, relu, has_res)``: y = act((x - mean) * scale + shift [+ res]).
-- ``backward_act(dy, x, y, dx, dres, mean, invstd, gamma, relu, write_dres, frozen, dgamma, dbeta)``.
-- ``partial_stats(x, mean, m2)``: per-channel partial statistics (count is A * B), for merging elsewhere.
-- ``grad_sums(dy, x, y, mean, relu, sum_dy, dot)`` and ``input_grad(dy, x, y, dx, dres, mean, k_dy, k_x, k_0,
-  relu, write_dres)``: the two halves of a backward whose sums are reduced across processes.
-
-Each is a ``numba`` dispatcher running its loops on Numba's thread pool; ``<name>_serial`` is the same
-kernel compiled without ``parallel=True`` (same results, bit for bit), for small inputs or for calling
-from inside your own ``prange`` loop.
+The fused (ReLU, residual add, renorm) and piecewise (synchronized BN) kernels behind the rest of fastbn
+are compiled per flag combination: ``variant(name, parallel=True, **flags)`` returns one as a Numba
+dispatcher, callable from Python or from your ``njit`` code. Their contracts are in the docstrings of
+``fastbn._kernels.entries`` (``train``, ``normalize``, ``backward``, ``stats``, ``grad_sums``,
+``input_grad``); the flags ``CL``, ``OWNED``, ``SHORT`` must match the input's layout
+(``fastbn._kernels.plan.layout_of(A, C, B)``).
 
 Example
 -------
@@ -37,8 +38,8 @@ Example
 ...     x3 = x.reshape(N, C, H * W)
 ...     y3 = np.empty_like(x3)
 ...     mean, invstd = np.empty(C), np.empty(C)
-...     kernels.train_forward(x3, np.ones(C), np.zeros(C), eps, y3, mean, invstd,
-...                           np.empty(0), np.empty(0), 0.1, False)
+...     kernels.train_forward_serial(x3, np.ones(C), np.zeros(C), eps, y3, mean, invstd,
+...                                  np.empty(0), np.empty(0), 0.1, False)
 ...     return y3.reshape(N, C, H, W), mean, invstd
 >>> y, mean, invstd = normalize_nchw(np.random.default_rng(0).random((4, 3, 5, 5)), 1e-5)
 >>> bool(abs(y.mean()) < 1e-12)
@@ -46,36 +47,174 @@ True
 """
 from __future__ import annotations
 
-from fastbn._kernels.backward import backward as _backward
-from fastbn._kernels.forward import infer_forward as _infer_forward
-from fastbn._kernels.forward import train_forward as _train_forward
-from fastbn._kernels.fused import apply_act as _apply_act
-from fastbn._kernels.fused import backward_act as _backward_act
-from fastbn._kernels.fused import train_forward_act as _train_forward_act
-from fastbn._kernels.partial import grad_sums as _grad_sums
-from fastbn._kernels.partial import input_grad as _input_grad
-from fastbn._kernels.partial import partial_stats as _partial_stats
+import types
+from typing import Any
 
-train_forward = _train_forward.parallel
-train_forward_serial = _train_forward.serial
-infer_forward = _infer_forward.parallel
-infer_forward_serial = _infer_forward.serial
-backward = _backward.parallel
-backward_serial = _backward.serial
-train_forward_act = _train_forward_act.parallel
-train_forward_act_serial = _train_forward_act.serial
-apply_act = _apply_act.parallel
-apply_act_serial = _apply_act.serial
-backward_act = _backward_act.parallel
-backward_act_serial = _backward_act.serial
-partial_stats = _partial_stats.parallel
-partial_stats_serial = _partial_stats.serial
-grad_sums = _grad_sums.parallel
-grad_sums_serial = _grad_sums.serial
-input_grad = _input_grad.parallel
-input_grad_serial = _input_grad.serial
+import numpy as np
 
-__all__ = ["train_forward", "train_forward_serial", "infer_forward", "infer_forward_serial",
-           "backward", "backward_serial", "train_forward_act", "train_forward_act_serial", "apply_act",
-           "apply_act_serial", "backward_act", "backward_act_serial", "partial_stats", "partial_stats_serial",
-           "grad_sums", "grad_sums_serial", "input_grad", "input_grad_serial"]
+from fastbn._jit import _jit, helper
+from fastbn._kernels import entries
+from fastbn._kernels.intrin import num_threads, writable
+from fastbn._kernels.plan import CF_CHUNK_ELEMS, SHORT_ROW, SPLIT_BELOW_CHANNELS
+
+# the layouts (CL, OWNED, SHORT) a run-time choice covers, in the order of _layout_index
+_LAYOUTS = ((True, False, False), (False, True, False), (False, True, True), (False, False, False),
+            (False, False, True))
+_NO = np.zeros(1)
+_NO_CLIP = np.array([0.0, np.inf, np.inf])
+
+
+@helper
+def _layout_index(A, C, B):
+    if B == 1:
+        return 0
+    short = B < SHORT_ROW
+    if C >= SPLIT_BELOW_CHANNELS or A <= max(1, CF_CHUNK_ELEMS // B):
+        return 2 if short else 1
+    return 4 if short else 3
+
+
+@helper
+def _as_f64(v, C):
+    out = np.empty(C)
+    for c in range(C):
+        out[c] = v[c]
+    return out
+
+
+def _train_forward(x, gamma, beta, eps, y, mean, invstd, running_mean, running_var, momentum, update_running):
+    A, C, B = x.shape
+    if gamma.shape[0] != C or beta.shape[0] != C or mean.shape[0] != C or invstd.shape[0] != C:
+        raise ValueError("fastbn kernel: per-channel arrays must have length C")
+    if update_running and (running_mean.shape[0] != C or running_var.shape[0] != C):
+        raise ValueError("fastbn kernel: per-channel arrays must have length C")
+    xw = writable(x)
+    g = _as_f64(gamma, C)
+    b = _as_f64(beta, C)
+    st = np.empty((5, C))
+    nth = num_threads() if PARALLEL else 1
+    i = _layout_index(A, C, B)
+    if i == 0:
+        _V0(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st)
+    elif i == 1:
+        _V1(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st)
+    elif i == 2:
+        _V2(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st)
+    elif i == 3:
+        _V3(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st)
+    else:
+        _V4(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st)
+    n = float(A * B)
+    for c in range(C):
+        mean[c] = st[0, c]
+        invstd[c] = st[2, c]
+        if update_running:
+            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * st[0, c]
+            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * (st[1, c] * (n / (n - 1.0)))
+
+
+def _infer_forward(x, running_mean, running_var, gamma, beta, eps, y):
+    A, C, B = x.shape
+    if (running_mean.shape[0] != C or running_var.shape[0] != C or gamma.shape[0] != C
+            or beta.shape[0] != C):
+        raise ValueError("fastbn kernel: per-channel arrays must have length C")
+    xw = writable(x)
+    m = _as_f64(running_mean, C)
+    v = _as_f64(running_var, C)
+    g = _as_f64(gamma, C)
+    b = _as_f64(beta, C)
+    nth = num_threads() if PARALLEL else 1
+    i = _layout_index(A, C, B)
+    if i == 0:
+        _V0(nth, xw, xw, y, m, g, v, b, eps, True)
+    elif i == 1:
+        _V1(nth, xw, xw, y, m, g, v, b, eps, True)
+    elif i == 2:
+        _V2(nth, xw, xw, y, m, g, v, b, eps, True)
+    elif i == 3:
+        _V3(nth, xw, xw, y, m, g, v, b, eps, True)
+    else:
+        _V4(nth, xw, xw, y, m, g, v, b, eps, True)
+
+
+def _backward(dy, x, mean, invstd, gamma, dx, dgamma, dbeta, frozen):
+    A, C, B = x.shape
+    if mean.shape[0] != C or invstd.shape[0] != C or gamma.shape[0] != C or dgamma.shape[0] != C \
+            or dbeta.shape[0] != C:
+        raise ValueError("fastbn kernel: per-channel arrays must have length C")
+    xw = writable(x)
+    dyw = writable(dy)
+    m = _as_f64(mean, C)
+    s = _as_f64(invstd, C)
+    g = _as_f64(gamma, C)
+    out = np.empty((2, C))
+    nth = num_threads() if PARALLEL else 1
+    i = _layout_index(A, C, B)
+    if i == 0:
+        _V0(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out)
+    elif i == 1:
+        _V1(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out)
+    elif i == 2:
+        _V2(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out)
+    elif i == 3:
+        _V3(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out)
+    else:
+        _V4(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out)
+    for c in range(C):
+        dgamma[c] = out[0, c]
+        dbeta[c] = out[1, c]
+
+
+def _public(fn: Any, kern: Any, parallel: bool) -> Any:
+    """An njit wrapper of ``fn`` whose _V0.._V4 are ``kern``'s plain variants for the five layouts."""
+    glb = dict(fn.__globals__)
+    glb["PARALLEL"] = parallel
+    for i, (cl, owned, short) in enumerate(_LAYOUTS):
+        glb[f"_V{i}"] = kern.get(parallel, CL=cl, OWNED=owned, SHORT=short)
+    name = fn.__name__.lstrip("_") + ("" if parallel else "_serial")
+    new = types.FunctionType(fn.__code__, glb, name, fn.__defaults__, fn.__closure__)
+    new.__qualname__ = name
+    new.__module__ = fn.__module__
+    new.__doc__ = __doc__
+    return _jit(new)
+
+
+train_forward = _public(_train_forward, entries.train, True)
+train_forward_serial = _public(_train_forward, entries.train, False)
+infer_forward = _public(_infer_forward, entries.normalize, True)
+infer_forward_serial = _public(_infer_forward, entries.normalize, False)
+backward = _public(_backward, entries.backward, True)
+backward_serial = _public(_backward, entries.backward, False)
+
+_ENTRIES = {k: getattr(entries, k) for k in ("train", "normalize", "backward", "stats", "grad_sums",
+                                             "input_grad")}
+
+
+def variant(name: str, parallel: bool = True, **flags: bool) -> Any:
+    """The compiled variant of one of fastbn's kernels (a Numba dispatcher; compiles on first call).
+
+    ``name``: ``train``, ``normalize``, ``backward``, ``stats``, ``grad_sums`` or ``input_grad`` (see
+    ``fastbn._kernels.entries`` for their arguments; the first is the thread count, 1 when not
+    ``parallel``). ``flags``: CL, OWNED, SHORT (the input's layout, ``fastbn._kernels.plan.layout_of``) and
+    the kernel's own (RELU, HAS_RES, RENORM, WRITE_D, STREAM); unnamed flags are False.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from fastbn import kernels
+    >>> from fastbn._kernels.plan import layout_of
+    >>> x = np.random.default_rng(0).normal(size=(16, 4, 1)).astype(np.float32)   # dense (N, C)
+    >>> cl, owned, short = layout_of(*x.shape)
+    >>> stats = kernels.variant("stats", False, CL=cl, OWNED=owned, SHORT=short)
+    >>> out = np.empty((2, 4))
+    >>> stats(1, x, out)                              # out[0] = mean, out[1] = sum of squared deviations
+    >>> bool(np.allclose(out[0], x.mean(axis=(0, 2))))
+    True
+    """
+    if name not in _ENTRIES:
+        raise ValueError(f"unknown kernel {name!r}; one of {sorted(_ENTRIES)}")
+    return _ENTRIES[name].get(parallel, **flags)
+
+
+__all__ = ["train_forward", "train_forward_serial", "infer_forward", "infer_forward_serial", "backward",
+           "backward_serial", "variant"]

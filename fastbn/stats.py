@@ -29,8 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastbn._dispatch import pick as _pick
-from fastbn._kernels.partial import partial_stats as _partial_stats
+from fastbn import _run
 from fastbn._validate import as_input, normalize_axis, resolve_layout
 
 __all__ = ["Stats", "partial_stats", "merge_stats"]
@@ -112,11 +111,11 @@ def partial_stats(x, *, axis: int = 1) -> Stats:
     axis = normalize_axis(axis, x.ndim)
     lay = resolve_layout(x, axis)
     C = lay.C
-    mean = np.zeros(C)
-    m2 = np.zeros(C)
     n = lay.A * lay.B
     if n > 0 and C > 0:
-        _pick(_partial_stats, x.size)(lay.view(x), mean, m2)
+        mean, m2 = _run.stats(lay.view(x))
+    else:
+        mean, m2 = np.zeros(C), np.zeros(C)
     return Stats(np.full(C, float(n)), mean, m2)
 
 

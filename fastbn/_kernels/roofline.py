@@ -1,23 +1,80 @@
-"""Roofline kernels: parallel streams of exactly the bytes a BN kernel must move, to compare against.
+"""Bound kernels: parallel streams of exactly the bytes a BN kernel must move, to measure it against.
 
-Training/inference forward read x and write y (a copy); backward reads x and dy and writes dx.
+Each writer comes plain and with streaming stores (``intrin.stream_store``); the physical bound of a
+case is the fastest of these and of torch's own copy (``fastbn.bench``). Work is split into one balanced
+range per thread (a fixed 64 Ki-element block size left one thread with 4 blocks and the other with 3 on a
+1.6 MB copy).
 """
 from __future__ import annotations
 
 from numba import prange
 
-from fastbn._jit import kernel
+from fastbn._jit import driver, helper
+from fastbn._kernels.intrin import num_threads, store_fence, stream_store
+from fastbn._kernels.plan import task_range
+from fastbn._kernels.rows import plain_prefix
 
 
-@kernel
-def stream_copy(src, dst):
-    """dst[i] = src[i] over flat arrays (read 1, write 1)."""
-    for i in prange(src.size):
+@helper
+def _copy_range(src, dst, stream):
+    h = plain_prefix(dst, stream)
+    for i in range(h):
         dst[i] = src[i]
+    s = src[h:]
+    d = dst[h:]
+    for i in range(d.size):
+        stream_store(d, i, s[i])
+    if stream:
+        store_fence()
 
 
-@kernel
-def stream_add(a, b, dst):
-    """dst[i] = a[i] + b[i] over flat arrays (read 2, write 1)."""
-    for i in prange(a.size):
+@helper
+def _add_range(a, b, dst, stream):
+    h = plain_prefix(dst, stream)
+    for i in range(h):
         dst[i] = a[i] + b[i]
+    aa = a[h:]
+    bb = b[h:]
+    d = dst[h:]
+    for i in range(d.size):
+        stream_store(d, i, aa[i] + bb[i])
+    if stream:
+        store_fence()
+
+
+@helper(reduction=True)
+def _sum_range(a):
+    s = 0.0
+    for i in range(a.size):
+        s += a[i]
+    return s
+
+
+@driver
+def stream_copy(src, dst, stream):
+    """dst[:] = src over flat arrays (read 1, write 1); ``stream``: streaming stores."""
+    nt = num_threads()
+    n = src.size
+    for t in prange(nt):
+        i0, i1 = task_range(t, nt, n)
+        _copy_range(src[i0:i1], dst[i0:i1], stream)
+
+
+@driver
+def stream_add(a, b, dst, stream):
+    """dst[:] = a + b over flat arrays (read 2, write 1); ``stream``: streaming stores."""
+    nt = num_threads()
+    n = a.size
+    for t in prange(nt):
+        i0, i1 = task_range(t, nt, n)
+        _add_range(a[i0:i1], b[i0:i1], dst[i0:i1], stream)
+
+
+@driver
+def stream_read(a, out):
+    """out[t] = sum of the t-th share of a flat array (read 1): the cost of one more read of an input."""
+    nt = num_threads()
+    n = a.size
+    for t in prange(nt):
+        i0, i1 = task_range(t, nt, n)
+        out[t] = _sum_range(a[i0:i1])

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fastbn import kernels
+from fastbn import _run
 from fastbn.stats import merge_stats
 from fastbn.torch._modules import _DTYPES, _FastBatchNormMixin
 
@@ -35,12 +34,6 @@ __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
 _FORWARD, _BACKWARD = 1, 2
 _OPS = {_FORWARD: "forward", _BACKWARD: "backward"}
-_SERIAL_MAX = 1 << 15  # elements below which the serial kernels run (as fastbn.functional)
-
-
-def _pick(name: str, size: int) -> Any:
-    serial = size < _SERIAL_MAX or numba.get_num_threads() == 1
-    return getattr(kernels, f"{name}_serial" if serial else name)
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -123,7 +116,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
             y3 = _view3(y, fmt)
             n_local = x3.shape[0] * x3.shape[2]
             if n_local:
-                _pick("partial_stats", x3.size)(x3, local[0], local[1])
+                local[...] = _run.stats(x3)
         except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
             err = e
         counts, g = _exchange(group, what, _FORWARD, err, C, n_local, local)
@@ -136,8 +129,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
         var = total.m2 / n
         invstd = 1.0 / np.sqrt(var + eps)
         if n_local:
-            _pick("apply_act", x3.size)(x3, x3, y3, mean, invstd * _vec(weight, C, 1.0), _vec(bias, C, 0.0),
-                                        False, False)
+            scale = invstd * _vec(weight, C, 1.0)
+            _run.normalize(x3, None, y3, mean, scale, scale, _vec(bias, C, 0.0), 0.0, False)
         if running_mean is not None:  # float64 arithmetic, stored in the buffers' dtype
             with torch.no_grad():
                 for buf, new in ((running_mean, mean), (running_var, var * (n / (n - 1.0)))):
@@ -162,7 +155,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
             dx = torch.empty_like(x, memory_format=fmt)
             dx3 = _view3(dx, fmt)
             if x3.size:
-                _pick("grad_sums", x3.size)(dy3, x3, x3, mean, False, local[0], local[1])
+                local[...] = _run.grad_sums(dy3, x3, None, mean)
         except Exception as e:  # noqa: BLE001
             err = e
         _, g = _exchange(group, what, _BACKWARD, err, C, x.shape[0], local)
@@ -173,8 +166,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
             dot += g[p, 1]
         if x3.size:
             k_dy = _vec(weight, C, 1.0) * invstd
-            _pick("input_grad", x3.size)(dy3, x3, x3, dx3, dx3, mean, k_dy, -k_dy * invstd * invstd * dot / n,
-                                         -k_dy * sum_dy / n, False, False)
+            _run.input_grad(dy3, x3, None, dx3, None,
+                            np.stack([mean, k_dy, -k_dy * invstd * invstd * dot / n, -k_dy * sum_dy / n]))
         need = ctx.needs_input_grad
         dw = torch.from_numpy(local[1] * invstd).to(x.dtype) if need[1] else None
         db = torch.from_numpy(local[0]).to(x.dtype) if need[2] else None

@@ -1,0 +1,255 @@
+"""The forward tasks: statistics, training forward of owned channels, normalize.
+
+A task is one ``prange`` iteration of a phase (``core.py``): the t-th of nt balanced shares of the phase's
+work units (plan.py). Tasks are compiled functions of their own (not inlined), called from the kernels'
+parallel loops, so each is compiled once per dtype and flag combination and shared by every kernel.
+
+Per-channel float64 state lives in the rows of ``P`` (C columns): see the row constants below.
+``coef`` holds the per-channel coefficients of y = act((x - m) * k + t [+ res]) in the compute dtype
+(rows m, k, t; see ``rows.affine_coefficients``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fastbn._jit import choose, choose_by_layout, helper
+from fastbn._kernels.intrin import store_fence
+from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
+                                  cl_slab_rows, n_chunks, slab_channels, task_range)
+from fastbn._kernels.reduce import cf_chunk_stats, cf_group_stats, cl_chunk_stats
+from fastbn._kernels.rows import act_run, act_vec, affine_coefficients
+
+# rows of P
+GAMMA, BETA, MEAN, VAR, INVSTD, R, D, RN_MEAN, RN_STD, M2 = range(10)
+NP_ROWS = 10
+
+
+
+@helper
+def finish_channel(c, n, m2, eps, P, renorm, rmin, rmax, dmax, coef):
+    """Channel c's var, invstd, renorm (r, d) into P and its coefficients into coef.
+
+    Renorm (Ioffe 2017, as tf_keras): r = clip(sqrt(var + eps) / s, rmin, rmax),
+    d = clip((mean - mu) / s, -dmax, dmax), s = max(sigma, sqrt(eps)), from the moving statistics
+    (mu, sigma) before this step; y = gamma * (xhat * r + d) + beta.
+    """
+    mean = P[MEAN, c]
+    v = m2 / n
+    P[VAR, c] = v
+    inv = 1.0 / np.sqrt(v + eps)
+    P[INVSTD, c] = inv
+    k = inv * P[GAMMA, c]
+    t = P[BETA, c]
+    if renorm:
+        s = max(P[RN_STD, c], np.sqrt(eps))
+        rc = min(max(np.sqrt(v + eps) / s, rmin), rmax)
+        dc = min(max((mean - P[RN_MEAN, c]) / s, -dmax), dmax)
+        P[R, c] = rc
+        P[D, c] = dc
+        k = k * rc
+        t = t + P[GAMMA, c] * dc
+    else:
+        P[R, c] = 1.0
+        P[D, c] = 0.0
+    affine_coefficients(coef, c, mean, k, t)
+
+
+@helper
+def expand(coef, c0, c1, rep, E):
+    """E[r, i * rep + j] = coef[r, c0 + i] for every row r of coef: coefficients per element of a slab
+    whose channels each span ``rep`` consecutive values (a short channel row)."""
+    for r in range(coef.shape[0]):
+        for i in range(c1 - c0):
+            v = coef[r, c0 + i]
+            for j in range(rep):
+                E[r, i * rep + j] = v
+
+
+@helper
+def tile(coef, C, reps, E):
+    """E[r, u * C + c] = coef[r, c] for every row r of coef: coefficients per element of a slab of
+    ``reps`` whole rows of C channels."""
+    for r in range(coef.shape[0]):
+        for u in range(reps):
+            for c in range(C):
+                E[r, u * C + c] = coef[r, c]
+
+
+# ---- statistics tasks: P[MEAN], P[M2] of owned channels, or chunk partials into ``part``
+
+
+@helper
+def stats_task_cl(t, nt, xf, A, C, B, P, part, short):
+    """Channels-last: (row chunk, channel block) partials into part[0/1, k, c]."""
+    buf = np.empty((3, SLAB_ELEMS))
+    rpc = cl_rows_per_chunk(A, C)
+    cb = cl_block(C)
+    nb = n_chunks(C, cb)
+    shift = np.empty(cb)
+    u0, u1 = task_range(t, nt, n_chunks(A, rpc) * nb)
+    for u in range(u0, u1):
+        k = u // nb
+        c0 = (u - k * nb) * cb
+        c1 = min(C, c0 + cb)
+        cl_chunk_stats(xf, C, k * rpc, min(A, (k + 1) * rpc), c0, c1, buf, shift[:c1 - c0], part[0, k, c0:c1],
+                       part[1, k, c0:c1])
+
+
+@helper
+def stats_task_owned(t, nt, xf, A, C, B, P, part, short):
+    """Channels-first, owned channels: whole channels (slab groups) into P[MEAN], P[M2]."""
+    buf = np.empty((3, SLAB_ELEMS))
+    G = slab_channels(B)
+    tmp = np.empty((2, G))
+    g0, g1 = task_range(t, nt, n_chunks(C, G))
+    for g in range(g0, g1):
+        c0 = g * G
+        c1 = min(C, c0 + G)
+        cf_group_stats(xf, A, C, B, c0, c1, buf, P[MEAN, c0:c1], P[M2, c0:c1], tmp[0], tmp[1], short)
+
+
+@helper
+def stats_task_split(t, nt, xf, A, C, B, P, part, short):
+    """Channels-first, few channels: (channel, chunk) partials into part[0/1, c, k]."""
+    buf = np.empty((3, SLAB_ELEMS))
+    rpc = cf_rows_per_chunk(B)
+    K = n_chunks(A, rpc)
+    u0, u1 = task_range(t, nt, C * K)
+    for u in range(u0, u1):
+        c = u // K
+        k = u - c * K
+        cf_chunk_stats(xf, C, B, c, c + 1, k * rpc, min(A, (k + 1) * rpc), buf, part[0, c, k:k + 1],
+                       part[1, c, k:k + 1], short)
+
+
+@helper(inline=True)
+def stats_task(t, nt, xf, A, C, B, P, part, cl, owned, short):
+    """The t-th of nt shares of the statistics (``cl``, ``owned``, ``short``: literals, see plan.layout_of)."""
+    choose_by_layout(cl, owned, "stats_task_cl", "stats_task_owned", "stats_task_split", (t, nt, xf, A, C, B, P, part, short))
+
+
+# ---- training forward of owned channels: statistics, coefficients and output per slab group, while the
+# group's slice is in this core's L2
+
+
+@helper
+def _finish_group(P, coef, c0, c1, n, gst, eps, rmin, rmax, dmax, renorm):
+    for i in range(c1 - c0):
+        P[MEAN, c0 + i] = gst[0, i]
+        finish_channel(c0 + i, n, gst[1, i], eps, P, renorm, rmin, rmax, dmax, coef)
+
+
+@helper
+def train_owned_long(t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm,
+                     stream):
+    buf = np.empty((3, SLAB_ELEMS))
+    gst = np.empty((4, 1))
+    zero = np.zeros(1, coef.dtype)[0]
+    n = float(A * B)
+    c0, c1 = task_range(t, nt, C)
+    for c in range(c0, c1):
+        cf_group_stats(xf, A, C, B, c, c + 1, buf, gst[0], gst[1], gst[2], gst[3], False)
+        _finish_group(P, coef, c, c + 1, n, gst, eps, rmin, rmax, dmax, renorm)
+        m = coef[0, c]
+        k = coef[1, c]
+        tt = coef[2, c]
+        for a in range(A):
+            act_run(xf, rf, yf, (a * C + c) * B, B, m, k, tt, zero, relu, has_res, stream)
+
+
+@helper
+def train_owned_short(t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm,
+                      stream):
+    G = slab_channels(B)
+    buf = np.empty((3, SLAB_ELEMS))
+    gst = np.empty((4, G))
+    E = np.empty((3, G * B), coef.dtype)
+    zero = np.zeros(1, coef.dtype)[0]
+    n = float(A * B)
+    g0, g1 = task_range(t, nt, n_chunks(C, G))
+    for g in range(g0, g1):
+        c0 = g * G
+        c1 = min(C, c0 + G)
+        cf_group_stats(xf, A, C, B, c0, c1, buf, gst[0], gst[1], gst[2], gst[3], True)
+        _finish_group(P, coef, c0, c1, n, gst, eps, rmin, rmax, dmax, renorm)
+        L = (c1 - c0) * B
+        expand(coef, c0, c1, B, E)
+        for a in range(A):
+            act_vec(xf, rf, yf, (a * C + c0) * B, E[0, :L], E[1, :L], E[2, :L], zero, relu, has_res, stream)
+
+
+@helper(inline=True)
+def train_owned_task(t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, short, relu, has_res, renorm,
+                     stream):
+    """The t-th of nt shares (slab groups) of a channels-first training forward of owned channels."""
+    choose(short, "train_owned_short", "train_owned_long", (t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm, stream))
+    if stream:
+        store_fence()
+
+
+# ---- normalize: y = act((x - m) * k + t [+ res]) with per-channel coefficients over a share of the rows
+# (channels-first long rows) or slabs (short rows, channels-last). ``reverse`` walks the share backwards,
+# so a pass right after a statistics pass starts on what that pass left in L3.
+
+
+@helper
+def affine_cl(t, nt, xf, rf, yf, A, C, B, coef, short, relu, has_res, stream, reverse):
+    zero = np.zeros(1, coef.dtype)[0]
+    R = cl_slab_rows(C)
+    if R == 1:  # long rows: one row per slab, the coefficient rows as they are
+        r0, r1 = task_range(t, nt, A)
+        for j in range(r1 - r0):
+            r = r1 - 1 - j if reverse else r0 + j
+            act_vec(xf, rf, yf, r * C, coef[0], coef[1], coef[2], zero, relu, has_res, stream)
+        return
+    E = np.empty((3, R * C), coef.dtype)
+    tile(coef, C, R, E)
+    s0, s1 = task_range(t, nt, n_chunks(A, R))
+    for j in range(s1 - s0):
+        s = s1 - 1 - j if reverse else s0 + j
+        L = (min(A, (s + 1) * R) - s * R) * C
+        act_vec(xf, rf, yf, s * R * C, E[0, :L], E[1, :L], E[2, :L], zero, relu, has_res, stream)
+
+
+@helper
+def affine_cf_short(t, nt, xf, rf, yf, A, C, B, coef, relu, has_res, stream, reverse):
+    zero = np.zeros(1, coef.dtype)[0]
+    G = slab_channels(B)
+    E = np.empty((3, G * B), coef.dtype)
+    p0, p1 = task_range(t, nt, n_chunks(C, G) * A)
+    cur = -1
+    L = 0
+    for j in range(p1 - p0):  # slabs (group g of channels, row a), group-major
+        p = p1 - 1 - j if reverse else p0 + j
+        g = p // A
+        a = p - g * A
+        c0 = g * G
+        if g != cur:
+            c1 = min(C, c0 + G)
+            L = (c1 - c0) * B
+            expand(coef, c0, c1, B, E)
+            cur = g
+        act_vec(xf, rf, yf, (a * C + c0) * B, E[0, :L], E[1, :L], E[2, :L], zero, relu, has_res, stream)
+
+
+@helper
+def affine_cf_long(t, nt, xf, rf, yf, A, C, B, coef, relu, has_res, stream, reverse):
+    zero = np.zeros(1, coef.dtype)[0]
+    i0, i1 = task_range(t, nt, A * C)
+    for j in range(i1 - i0):
+        i = i1 - 1 - j if reverse else i0 + j
+        c = i % C
+        act_run(xf, rf, yf, i * B, B, coef[0, c], coef[1, c], coef[2, c], zero, relu, has_res, stream)
+
+
+@helper
+def affine_cf(t, nt, xf, rf, yf, A, C, B, coef, short, relu, has_res, stream, reverse):
+    choose(short, "affine_cf_short", "affine_cf_long", (t, nt, xf, rf, yf, A, C, B, coef, relu, has_res, stream, reverse))
+
+
+@helper(inline=True)
+def affine_task(t, nt, xf, rf, yf, A, C, B, coef, cl, owned, short, relu, has_res, stream, reverse):
+    """The t-th of nt shares of a normalize pass (``cl``, ``owned``, ``short``: literals)."""
+    choose_by_layout(cl, owned, "affine_cl", "affine_cf", "affine_cf", (t, nt, xf, rf, yf, A, C, B, coef, short, relu, has_res, stream, reverse))
+    if stream:
+        store_fence()

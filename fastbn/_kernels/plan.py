@@ -1,0 +1,155 @@
+"""How the kernels split their work: reduction chunks (which fix the bits) and tasks (which spread them).
+
+Every kernel sees its data as a C-contiguous (A, C, B) array, flattened: A outer rows, C channels, B
+inner values. ``B == 1`` is channels-last (NHWC as (N*H*W, C, 1), dense (N, C, 1)); ``B > 1`` is
+channels-first (NCHW as (N, C, H*W)).
+
+Reductions are split into *chunks* whose boundaries depend on the shape only; each chunk's partial result
+is computed the same way whichever thread computes it, and partials are merged in chunk order. *Tasks*
+(one ``prange`` iteration each, ``nt`` of them, balanced contiguous ranges) only decide which thread
+computes which chunks. That is what makes every result bitwise identical for 1, 2 or 16 threads, and
+between the parallel and serial variants.
+
+Channels-first
+    A thread owns whole channels when there are at least ``SPLIT_BELOW_CHANNELS`` of them (or a channel
+    is a single chunk): it computes a channel's statistics and then normalizes it while its slice is in
+    that core's L2. Chunks hold ``CF_CHUNK_ELEMS`` values of one channel (whole rows). With few channels,
+    (channel, chunk) pairs are spread over the threads instead.
+
+    Rows shorter than ``SHORT_ROW`` (7x7 and 14x14 maps) are not looped over one by one: a group of
+    consecutive channels' rows is one contiguous run of ``G * B`` values (a *slab*), updated with
+    per-element coefficients and summed elementwise into per-element accumulators. A 49-value row is
+    shorter than one iteration of LLVM's unrolled vector loop (VF 8 x interleave 4), so a row loop runs
+    mostly in its scalar remainder. Per-channel results do not depend on the grouping: each element's
+    accumulator sees the same additions in the same order, and each channel's segment is reduced alone.
+
+Channels-last
+    A chunk is a block of rows x a block of at most ``SLAB_ELEMS`` channels; each thread accumulates a
+    chunk's sums elementwise in L1-resident float64 arrays, ``R`` rows wide when rows are short (so one
+    loop runs over R * C values instead of C), and folds the R sub-rows per channel at the end. The number of row chunks is capped
+    (``CL_MAX_ROW_CHUNKS``, and so that the partials stay under ``CL_MAX_PARTIALS`` values), so temporary
+    memory is O(C) whatever the number of rows: with more than 16384 channels each chunk used to be a
+    single row and the partials were (N, C) float64, 3x the input.
+"""
+from __future__ import annotations
+
+from fastbn._jit import helper
+
+# Values of one channel per reduction chunk (whole rows). Chunks are merged exactly (Chan), so this only
+# bounds the error of the one-pass shifted sums within a chunk (see reduce.py) and sets how finely a
+# channel can be split across threads when there are few channels.
+CF_CHUNK_ELEMS = 16384
+SPLIT_BELOW_CHANNELS = 16
+# Channels-first rows shorter than this are processed as multi-channel slabs (see module doc).
+SHORT_ROW = 256
+# Values per slab: a group of whole short channel rows (channels-first), or of whole rows of at most
+# this many channels (channels-last). Its three float64 buffers (shift, two accumulators: 24 KiB) stay in
+# a core's 32 KiB L1 while the input streams past.
+SLAB_ELEMS = 1024
+
+# Channels-last: values per chunk, caps on the number of row chunks. Rows of more than SLAB_ELEMS
+# channels are cut into blocks of SLAB_ELEMS channels.
+CL_CHUNK_ELEMS = 32768
+CL_MAX_ROW_CHUNKS = 64
+CL_MAX_PARTIALS = 1 << 20
+
+
+def layout_of(A: int, C: int, B: int) -> tuple[bool, bool, bool]:
+    """(channels-last, channels-first owned, short rows) of an (A, C, B) shape, in Python: the kernels'
+    compile-time flags CL, OWNED, SHORT, so that each variant compiles one path."""
+    if B == 1:
+        return True, False, False
+    owned = C >= SPLIT_BELOW_CHANNELS or -(-A // max(1, CF_CHUNK_ELEMS // B)) == 1
+    return False, owned, B < SHORT_ROW
+
+
+@helper(inline=True)
+def task_range(t, nt, total):
+    """The t-th of nt balanced contiguous ranges of range(total)."""
+    return (t * total) // nt, ((t + 1) * total) // nt
+
+
+@helper(inline=True)
+def n_chunks(rows, rows_per_chunk):
+    return (rows + rows_per_chunk - 1) // rows_per_chunk
+
+
+@helper(inline=True)
+def cf_rows_per_chunk(B):
+    return max(1, CF_CHUNK_ELEMS // B)
+
+
+@helper(inline=True)
+def channel_owned(A, C, B):
+    """True where a channels-first pass gives each thread whole channels (see module doc)."""
+    return B > 1 and (C >= SPLIT_BELOW_CHANNELS or n_chunks(A, cf_rows_per_chunk(B)) == 1)
+
+
+@helper(inline=True)
+def slab_channels(B):
+    """Channels per short-row slab (1 for long rows)."""
+    if B >= SHORT_ROW:
+        return 1
+    return max(1, SLAB_ELEMS // B)
+
+
+@helper(inline=True)
+def cl_block(C):
+    """Channels per channels-last block."""
+    return min(C, SLAB_ELEMS)
+
+
+@helper(inline=True)
+def cl_slab_rows(C):
+    """Rows per channels-last slab (1 when rows are cut into channel blocks)."""
+    return max(1, SLAB_ELEMS // C)
+
+
+@helper(inline=True)
+def cl_rows_per_chunk(A, C):
+    """Rows per channels-last chunk: ~CL_CHUNK_ELEMS values per (row chunk, channel block), at most
+    CL_MAX_ROW_CHUNKS row chunks (fewer when there are many channel blocks or many channels)."""
+    cb = cl_block(C)
+    nb = n_chunks(C, cb)
+    k = n_chunks(A, max(1, CL_CHUNK_ELEMS // cb))
+    k = min(k, max(1, (CL_MAX_ROW_CHUNKS + nb - 1) // nb), max(1, CL_MAX_PARTIALS // C))
+    return n_chunks(A, max(1, k))
+
+
+@helper(inline=True)
+def tasks_for(units, threads):
+    """Number of tasks for ``units`` independent work units on ``threads`` threads."""
+    return max(1, min(units, threads))
+
+
+# Outputs of at least this many bytes are written with streaming stores (intrin.stream_store). Below it
+# the output is better left in cache for its consumer. Measured crossover: see STREAM_MIN_BYTES' note
+# in the README's performance section.
+STREAM_MIN_BYTES = 16 << 20
+
+
+@helper(inline=True)
+def stream_for(nbytes):
+    return nbytes >= STREAM_MIN_BYTES
+
+
+@helper(inline=True)
+def elementwise_units(A, C, B, cl, owned, short):
+    """Work units of an elementwise pass: rows (channels-first long rows), slabs (short rows), rows or
+    slabs of rows (channels-last); see fwd.affine_task."""
+    if cl:
+        return n_chunks(A, cl_slab_rows(C))
+    if short:
+        return n_chunks(C, slab_channels(B)) * A
+    return A * C
+
+
+@helper(inline=True)
+def reduction_units(A, C, B, cl, owned):
+    """Work units of a reduction: (row chunk, channel block) pairs (channels-last), slab groups of owned
+    channels, or (channel, chunk) pairs (channels-first split)."""
+    if cl:
+        return n_chunks(A, cl_rows_per_chunk(A, C)) * n_chunks(C, cl_block(C))
+    if owned:
+        return n_chunks(C, slab_channels(B))
+    return C * n_chunks(A, cf_rows_per_chunk(B))

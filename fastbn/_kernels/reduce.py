@@ -1,0 +1,279 @@
+"""Per-chunk and per-channel reductions: statistics (mean, M2) and gradient sums, in float64.
+
+Statistics are one pass of shifted sums per chunk (shift = a value of the chunk itself) and Chan's exact
+merge of chunks in chunk order. Shifting by a value k of the chunk bounds the cancellation in
+M2 = S2 - S1**2/n: the relative error is about eps64 * (1 + (mean - k)**2 / var), at most ~2e-12 for a
+16384-value chunk even when k is an extreme outlier (~1e-15 typically). One pass instead of two (mean,
+then squared deviations) saves a read of the chunk.
+
+Every function here computes a chunk's partial the same way whichever task calls it, and merges in chunk
+order, so the owned, split and piecewise paths (``fwd.py``, ``bwd.py``, the partial kernels) give the same
+bits. ``buf`` is a task's float64 (3, SLAB_ELEMS) scratch: a per-element shift or mean, two accumulators.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fastbn._jit import choose, helper
+from fastbn._kernels.plan import cf_rows_per_chunk, cl_slab_rows
+from fastbn._kernels.rows import (chan_merge, grad_sums_rows, shifted_sums_rows, shifted_sums_run, shifted_to_stats)
+
+
+@helper(reduction=True)
+def seg_sum(S, s, n):
+    """sum(S[s:s + n]) (vectorized; the lane split is fixed at compile time)."""
+    v = S[s:s + n]
+    acc = 0.0
+    for i in range(n):
+        acc += v[i]
+    return acc
+
+
+@helper(inline=True)
+def zero_fill(v):
+    for i in range(v.size):
+        v[i] = 0.0
+
+
+# ---- channels-first: channels [c0, c1) (a slab group, or one channel), rows [a0, a1) of (A, C, B).
+# Long rows (B >= plan.SHORT_ROW) are reduced row by row; short rows elementwise over the slab group, each
+# channel's segment summed at the end. ``short`` (a literal) picks one; the other is not compiled.
+
+
+@helper
+def cf_chunk_stats_long(xf, C, B, c0, c1, a0, a1, buf, pm, pq):
+    cnt = float((a1 - a0) * B)
+    for i in range(c1 - c0):
+        c = c0 + i
+        k = np.float64(xf[(a0 * C + c) * B])
+        s1 = 0.0
+        s2 = 0.0
+        for a in range(a0, a1):
+            u, v = shifted_sums_run(xf, (a * C + c) * B, B, k)
+            s1 += u
+            s2 += v
+        pm[i], pq[i] = shifted_to_stats(k, s1, s2, cnt)
+
+
+@helper
+def cf_chunk_stats_short(xf, C, B, c0, c1, a0, a1, buf, pm, pq):
+    cnt = float((a1 - a0) * B)
+    L = (c1 - c0) * B
+    K0 = buf[0, :L]
+    S1 = buf[1, :L]
+    S2 = buf[2, :L]
+    for i in range(c1 - c0):
+        k = np.float64(xf[(a0 * C + c0 + i) * B])
+        for j in range(B):
+            K0[i * B + j] = k
+    zero_fill(S1)
+    zero_fill(S2)
+    shifted_sums_rows(xf, (a0 * C + c0) * B, C * B, a1 - a0, K0, S1, S2)
+    for i in range(c1 - c0):
+        pm[i], pq[i] = shifted_to_stats(K0[i * B], seg_sum(S1, i * B, B), seg_sum(S2, i * B, B), cnt)
+
+
+@helper(inline=True)
+def cf_chunk_stats(xf, C, B, c0, c1, a0, a1, buf, pm, pq, short):
+    """Chunk partials (mean, M2) of channels c0..c1 over rows a0..a1 into pm[i], pq[i] (i = c - c0)."""
+    choose(short, "cf_chunk_stats_short", "cf_chunk_stats_long", (xf, C, B, c0, c1, a0, a1, buf, pm, pq))
+
+
+@helper
+def cf_group_stats(xf, A, C, B, c0, c1, buf, gm, gq, tm, tq, short):
+    """(mean, M2) of channels c0..c1 over all rows into gm, gq: chunk partials merged in chunk order
+    (tm, tq: scratch of the same length)."""
+    rpc = cf_rows_per_chunk(B)
+    g = c1 - c0
+    n = 0.0
+    for a0 in range(0, A, rpc):
+        a1 = min(A, a0 + rpc)
+        nb = float((a1 - a0) * B)
+        if a0 == 0:
+            cf_chunk_stats(xf, C, B, c0, c1, a0, a1, buf, gm, gq, short)
+        else:
+            cf_chunk_stats(xf, C, B, c0, c1, a0, a1, buf, tm, tq, short)
+            for i in range(g):
+                _, gm[i], gq[i] = chan_merge(n, gm[i], gq[i], nb, tm[i], tq[i])
+        n += nb
+
+
+@helper
+def cf_merge_partials(pm, pq, A, B):
+    """(mean, M2) of one channel from its chunk partials pm[k], pq[k], merged as cf_group_stats does."""
+    rpc = cf_rows_per_chunk(B)
+    n = float(min(A, rpc) * B)
+    m = pm[0]
+    q = pq[0]
+    for k in range(1, pm.shape[0]):
+        a0 = k * rpc
+        nb = float((min(A, a0 + rpc) - a0) * B)
+        _, m, q = chan_merge(n, m, q, nb, pm[k], pq[k])
+        n += nb
+    return m, q
+
+
+@helper
+def cf_chunk_grad_sums_long(dyf, xf, yf, C, B, c0, c1, a0, a1, mean, relu, buf, psd, psx):
+    for i in range(c1 - c0):
+        c = c0 + i
+        m = mean[c]
+        sd = 0.0
+        sx = 0.0
+        for a in range(a0, a1):
+            u, v = choose(relu, "grad_sums_run_masked", "grad_sums_run", (dyf, xf, yf, (a * C + c) * B, B, m))
+            sd += u
+            sx += v
+        psd[i] = sd
+        psx[i] = sx
+
+
+@helper
+def cf_chunk_grad_sums_short(dyf, xf, yf, C, B, c0, c1, a0, a1, mean, relu, buf, psd, psx):
+    L = (c1 - c0) * B
+    M = buf[0, :L]
+    SD = buf[1, :L]
+    SX = buf[2, :L]
+    for i in range(c1 - c0):
+        m = mean[c0 + i]
+        for j in range(B):
+            M[i * B + j] = m
+    zero_fill(SD)
+    zero_fill(SX)
+    grad_sums_rows(dyf, xf, yf, (a0 * C + c0) * B, C * B, a1 - a0, M, SD, SX, relu)
+    for i in range(c1 - c0):
+        psd[i] = seg_sum(SD, i * B, B)
+        psx[i] = seg_sum(SX, i * B, B)
+
+
+@helper(inline=True)
+def cf_chunk_grad_sums(dyf, xf, yf, C, B, c0, c1, a0, a1, mean, relu, buf, psd, psx, short):
+    """Chunk sums (sum g, sum g * (x - mean[c])) of channels c0..c1 over rows a0..a1 into psd[i], psx[i];
+    g = dy, or dy masked by y > 0 when relu. ``mean`` is the float64 (C,) mean."""
+    choose(short, "cf_chunk_grad_sums_short", "cf_chunk_grad_sums_long", (dyf, xf, yf, C, B, c0, c1, a0, a1, mean, relu, buf, psd, psx))
+
+
+@helper
+def cf_group_grad_sums(dyf, xf, yf, A, C, B, c0, c1, mean, relu, buf, gd, gx, td, tx, short):
+    """Gradient sums of channels c0..c1 over all rows into gd, gx: chunk sums added in chunk order."""
+    rpc = cf_rows_per_chunk(B)
+    for i in range(c1 - c0):
+        gd[i] = 0.0
+        gx[i] = 0.0
+    for a0 in range(0, A, rpc):
+        cf_chunk_grad_sums(dyf, xf, yf, C, B, c0, c1, a0, min(A, a0 + rpc), mean, relu, buf, td, tx, short)
+        for i in range(c1 - c0):
+            gd[i] += td[i]
+            gx[i] += tx[i]
+
+
+# ---- channels-last: rows [r0, r1) x channels [c0, c1) of (R, C); slabs of cl_slab_rows(C) rows when a
+# block is a whole row (C <= SLAB_ELEMS), single rows otherwise.
+
+
+@helper
+def _cl_fold(S, R, w, out):
+    """out[c] = sum over the R sub-rows u of S[u * w + c], in order."""
+    for c in range(w):
+        out[c] = S[c]
+    for u in range(1, R):
+        for c in range(w):
+            out[c] += S[u * w + c]
+
+
+@helper
+def _cl_accumulate(xf, dyf, yf, C, r0, r1, c0, c1, shift, relu, buf, stats):
+    """Elementwise float64 accumulation of one channels-last chunk into buf[1], buf[2] (each holding R
+    sub-rows of the block); returns R. ``stats``: shifted sums of x (shift = buf[0]); otherwise gradient
+    sums of dy against the mean (buf[0])."""
+    w = c1 - c0
+    R = cl_slab_rows(C) if w == C else 1
+    L = R * w
+    K0 = buf[0, :L]
+    S1 = buf[1, :L]
+    S2 = buf[2, :L]
+    for u in range(R):
+        for c in range(w):
+            K0[u * w + c] = shift[c]
+    zero_fill(S1)
+    zero_fill(S2)
+    rows = r1 - r0
+    q = rows // R
+    if R == 1:
+        if stats:
+            shifted_sums_rows(xf, r0 * C + c0, C, rows, K0, S1, S2)
+        else:
+            grad_sums_rows(dyf, xf, yf, r0 * C + c0, C, rows, K0, S1, S2, relu)
+        return R
+    rem = rows - q * R
+    if stats:
+        shifted_sums_rows(xf, r0 * C, L, q, K0, S1, S2)
+        if rem > 0:
+            shifted_sums_rows(xf, (r0 + q * R) * C, 0, 1, K0[:rem * C], S1[:rem * C], S2[:rem * C])
+    else:
+        grad_sums_rows(dyf, xf, yf, r0 * C, L, q, K0, S1, S2, relu)
+        if rem > 0:
+            grad_sums_rows(dyf, xf, yf, (r0 + q * R) * C, 0, 1, K0[:rem * C], S1[:rem * C], S2[:rem * C],
+                           relu)
+    return R
+
+
+@helper
+def cl_chunk_stats(xf, C, r0, r1, c0, c1, buf, shift, pm, pq):
+    """Chunk partials (mean, M2) of channels c0..c1 over rows r0..r1 into pm, pq (length c1 - c0);
+    ``shift`` is float64 scratch of that length (filled with the chunk's first row)."""
+    w = c1 - c0
+    for c in range(w):
+        shift[c] = xf[r0 * C + c0 + c]
+    R = _cl_accumulate(xf, xf, xf, C, r0, r1, c0, c1, shift, False, buf, True)
+    _cl_fold(buf[1], R, w, pm)
+    _cl_fold(buf[2], R, w, pq)
+    n = float(r1 - r0)
+    for c in range(w):
+        pm[c], pq[c] = shifted_to_stats(shift[c], pm[c], pq[c], n)
+
+
+@helper
+def cl_chunk_grad_sums(dyf, xf, yf, C, r0, r1, c0, c1, mean, relu, buf, psd, psx):
+    """Chunk sums (sum g, sum g * (x - mean)) of channels c0..c1 over rows r0..r1 into psd, psx;
+    ``mean`` is the float64 mean of those channels (length c1 - c0)."""
+    R = _cl_accumulate(xf, dyf, yf, C, r0, r1, c0, c1, mean, relu, buf, False)
+    _cl_fold(buf[1], R, c1 - c0, psd)
+    _cl_fold(buf[2], R, c1 - c0, psx)
+
+
+@helper
+def cl_merge_stats(pm, pq, A, rpc, mean, m2):
+    """Merge channels-last chunk partials pm, pq (K, C) in chunk order into mean, m2 (C,).
+
+    chan_merge with its count weights hoisted: every channel shares the chunk's counts, so the channel
+    loop vectorizes (same expressions as chan_merge, same bits)."""
+    K, C = pm.shape
+    for c in range(C):
+        mean[c] = pm[0, c]
+        m2[c] = pq[0, c]
+    n = float(min(A, rpc))
+    for k in range(1, K):
+        nb = float(min(A, (k + 1) * rpc) - k * rpc)
+        n_ab = n + nb
+        w_b = nb / n_ab
+        w_ab = n * w_b
+        pmk = pm[k]
+        pqk = pq[k]
+        for c in range(C):
+            delta = pmk[c] - mean[c]
+            mean[c] = mean[c] + delta * w_b
+            m2[c] = m2[c] + pqk[c] + delta * delta * w_ab
+        n = n_ab
+
+
+@helper
+def sum_partials(p, out):
+    """out[c] = sum over k of p[k, c], in order (channels-last gradient sums)."""
+    K, C = p.shape
+    for c in range(C):
+        out[c] = 0.0
+    for k in range(K):
+        pk = p[k]
+        for c in range(C):
+            out[c] += pk[c]

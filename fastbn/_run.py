@@ -1,0 +1,97 @@
+"""Calling the kernels from Python: choose the variant (parallel or serial, streaming stores or not, the
+fused flags), the thread count, and allocate the per-channel outputs.
+
+Every public function (functional, fused, layer, synchronized BN, precise statistics, the PyTorch
+modules) goes through here with validated (A, C, B) views, so they all share the same compiled variants:
+using the layer after the functional API compiles nothing more.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from fastbn._dispatch import call
+from fastbn._kernels import entries
+from fastbn._kernels.plan import STREAM_MIN_BYTES, layout_of
+
+_NO_RENORM = np.zeros(1)
+_NO_CLIP = np.array([0.0, np.inf, np.inf])
+
+
+def train(x3: np.ndarray, r3: np.ndarray | None, y3: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float,
+          relu: bool = False, renorm: tuple | None = None) -> np.ndarray:
+    """Training forward; returns float64 (5, C) rows mean, var (biased), invstd, r, d.
+
+    ``r3``: residual or None; ``renorm``: None or (rn_mean, rn_std, clip) float64 arrays."""
+    stream = y3.nbytes >= STREAM_MIN_BYTES
+    has_res = r3 is not None
+    if renorm is None:
+        rn_mean = rn_std = _NO_RENORM
+        clip = _NO_CLIP
+    else:
+        rn_mean, rn_std, clip = renorm
+    out = np.empty((5, x3.shape[1]))
+    call(entries.train, layout_of(*x3.shape) + (relu, has_res, renorm is not None, stream), x3.size,
+         x3, r3 if has_res else x3, y3, g, b, eps, rn_mean, rn_std, clip, out)
+    return out
+
+
+def normalize(x3: np.ndarray, r3: np.ndarray | None, y3: np.ndarray, mean: np.ndarray, a: np.ndarray,
+              b: np.ndarray, shift: np.ndarray, eps: float, from_var: bool, relu: bool = False) -> None:
+    """y = act((x - mean) * k + shift [+ res]), k = a / sqrt(b + eps) if ``from_var`` else a."""
+    has_res = r3 is not None
+    call(entries.normalize, layout_of(*x3.shape) + (relu, has_res, y3.nbytes >= STREAM_MIN_BYTES), x3.size,
+         x3, r3 if has_res else x3, y3, mean, a, b, shift, eps, from_var)
+
+
+def backward(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.ndarray, dr3: np.ndarray | None,
+             mean: np.ndarray, invstd: np.ndarray, g: np.ndarray, frozen: bool) -> np.ndarray:
+    """Backward (ReLU mask when ``y3`` is given; residual gradient into ``dr3`` when given); returns
+    float64 (2, C) rows dgamma, dbeta."""
+    relu = y3 is not None
+    write_d = dr3 is not None
+    out = np.empty((2, x3.shape[1]))
+    call(entries.backward, layout_of(*x3.shape) + (relu, write_d, dx3.nbytes >= STREAM_MIN_BYTES), x3.size,
+         dy3, x3, y3 if relu else x3, dx3, dr3 if write_d else dx3, mean, invstd, g, bool(frozen), out)
+    return out
+
+
+def stats(x3: np.ndarray) -> np.ndarray:
+    """float64 (2, C) rows mean, M2 (count A * B)."""
+    out = np.empty((2, x3.shape[1]))
+    call(entries.stats, layout_of(*x3.shape), x3.size, x3, out)
+    return out
+
+
+def grad_sums(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, mean: np.ndarray) -> np.ndarray:
+    """float64 (2, C) rows sum(g), sum(g * (x - mean)); g masked by y > 0 when ``y3`` is given."""
+    relu = y3 is not None
+    out = np.empty((2, x3.shape[1]))
+    call(entries.grad_sums, layout_of(*x3.shape) + (relu,), x3.size, dy3, x3, y3 if relu else x3, mean, out)
+    return out
+
+
+def input_grad(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.ndarray,
+               dr3: np.ndarray | None, coefs: np.ndarray) -> None:
+    """dx from merged sums: coefs float64 (4, C) rows mean, k_dy, k_x, k_0."""
+    relu = y3 is not None
+    write_d = dr3 is not None
+    call(entries.input_grad, layout_of(*x3.shape) + (relu, write_d, dx3.nbytes >= STREAM_MIN_BYTES), x3.size,
+         dy3, x3, y3 if relu else x3, dx3, dr3 if write_d else dx3, coefs)
+
+
+@numba.njit(cache=True)
+def _ema(running, new, momentum):
+    for c in range(running.shape[0]):
+        running[c] = (1.0 - momentum) * running[c] + momentum * new[c]
+
+
+def update_running(running_mean: np.ndarray, running_var: np.ndarray, mean: np.ndarray, var: np.ndarray,
+                   momentum: float) -> None:
+    """running = (1 - momentum) * running + momentum * new, in float64, stored in the running arrays'
+    dtype (float32/float64 contiguous arrays in one call; anything else through NumPy)."""
+    for r, v in ((running_mean, mean), (running_var, var)):
+        if r.dtype in (np.float32, np.float64) and r.flags.c_contiguous and r.flags.writeable:
+            _ema(r, v, momentum)
+        else:
+            r[...] = (1.0 - momentum) * r.astype(np.float64) + momentum * v
