@@ -2,9 +2,10 @@
 asv and ``python -m fastbn bench``.
 
 A :class:`Case` knows how to build its inputs (deterministic, pre-touched), how to call fastbn on them
-(allocating or with ``out=``), how to call the PyTorch equivalent, and how many bytes the operation must
-move at minimum (the roofline: training/inference forward read x and write y; backward reads x and dy
-and writes dx).
+(allocating or with ``out=``), how to call PyTorch's kernel on the same memory (``.out`` into the same
+output buffer, and allocating), and what its physical bound is made of: the bytes the operation must write
+and read once (training/inference forward read x and write y; backward reads x and dy and writes dx),
+plus the extra reads its layout forces (see :attr:`Case.extra_reads`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ BENCH_SHAPES = {
 }
 BENCH_SHAPES["NHWC"] = BENCH_SHAPES["NCHW"]
 # float64 runs on these (besides float32 everywhere)
-FLOAT64_SHAPES = {(256, 1024), (8, 256, 14, 14), (32, 64, 56, 56)}
+FLOAT64_SHAPES = {(256, 1024), (8, 256, 14, 14), (32, 64, 56, 56), (64, 128, 56, 56)}
 OUT_OF_L3_SHAPE = (64, 128, 56, 56)
 TINY_SHAPE = (4, 8, 4, 4)
 # shapes the quick benchmark run keeps
@@ -61,9 +62,34 @@ class Case:
 
     @property
     def min_bytes(self) -> int:
-        """Bytes the operation must move at minimum (its roofline traffic)."""
+        """Bytes the operation must move at minimum: each input read once, each output written once."""
         arrays = 3 if self.kernel == "backward" else 2
         return arrays * self.numel * np.dtype(self.dtype).itemsize
+
+    @property
+    def extra_reads(self) -> tuple:
+        """Inputs the layout forces to be read a second time: a channel's statistics (or gradient sums)
+        need all its values before any output can be written, and where a channel's values do not fit
+        in one core's cache (channels-last: every row holds every channel; channels-first with fewer
+        than 16 channels: a channel is split over threads) the output pass reads them again."""
+        if self.kernel == "infer":
+            return ()
+        from fastbn._kernels.plan import layout_of
+
+        A, C, B = self.kernel_shape
+        cl, owned, _ = layout_of(A, C, B)
+        if not (cl or not owned):
+            return ()
+        return ("x",) if self.kernel == "train" else ("x", "dy")
+
+    @property
+    def kernel_shape(self) -> tuple:
+        """The (A, C, B) view the kernels see."""
+        N, C = self.shape[0], self.shape[1]
+        rest = int(np.prod(self.shape[2:], dtype=np.int64))
+        if self.layout == "NHWC" or len(self.shape) == 2:
+            return (N * rest, C, 1)
+        return (N, C, rest)
 
     def make_inputs(self, seed: int = 0) -> dict:
         """Deterministic inputs with non-trivial statistics; output buffers are pre-touched."""
@@ -103,32 +129,69 @@ class Case:
         dy, m, s, g = inp["dy"], inp["mean"], inp["invstd"], inp["gamma"]
         return lambda: fastbn.batch_norm_backward(dy, x, m, s, g, axis=ax, out=out)
 
+    def _torch_views(self, inp: dict) -> dict:
+        """The inputs as torch tensors on the same memory (NHWC: NCHW tensors in channels_last format)."""
+        import torch
+
+        def view(a):
+            t = torch.from_numpy(a)
+            return t.movedim(-1, 1) if self.layout == "NHWC" else t
+
+        td = view(inp["x"]).dtype
+        v = {"x": view(inp["x"]), "out": view(inp["out"])}
+        for k in ("gamma", "beta", "running_mean", "running_var"):
+            v[k] = torch.from_numpy(inp[k]).to(td)
+        if self.kernel == "backward":
+            v["dy"] = view(inp["dy"])
+            v["mean"] = torch.from_numpy(inp["mean"]).to(td)
+            v["invstd"] = torch.from_numpy(inp["invstd"]).to(td)
+            v["dw"] = torch.empty_like(v["gamma"])
+            v["db"] = torch.empty_like(v["gamma"])
+        v["save_mean"] = torch.empty_like(v["gamma"])
+        v["save_invstd"] = torch.empty_like(v["gamma"])
+        return v
+
     def torch_runner(self, inp: dict) -> Callable[[], object]:
-        """The same operation in PyTorch (CPU), channels_last memory format for NHWC."""
+        """PyTorch's public API, allocating (``F.batch_norm``; the backward's op, as autograd runs it)."""
         import torch
         import torch.nn.functional as F
 
-        x = torch.from_numpy(inp["x"])
-        if self.layout == "NHWC":  # same memory, seen by torch as an NCHW tensor in channels_last format
-            x = x.movedim(-1, 1)
-        td = x.dtype
-        g = torch.from_numpy(inp["gamma"]).to(td)
-        b = torch.from_numpy(inp["beta"]).to(td)
-        rm = torch.from_numpy(inp["running_mean"]).to(td)
-        rv = torch.from_numpy(inp["running_var"]).to(td)
+        v = self._torch_views(inp)
+        x, g, b, rm, rv = v["x"], v["gamma"], v["beta"], v["running_mean"], v["running_var"]
         if self.kernel == "train":
             return lambda: F.batch_norm(x, rm, rv, g, b, training=True, momentum=0.1, eps=1e-5)
         if self.kernel == "infer":
             return lambda: F.batch_norm(x, rm, rv, g, b, training=False, eps=1e-5)
-        dy = torch.from_numpy(inp["dy"])
-        if self.layout == "NHWC":
-            dy = dy.movedim(-1, 1)
-        mean = torch.from_numpy(inp["mean"]).to(td)
-        invstd = torch.from_numpy(inp["invstd"]).to(td)
-        mask = [True, True, True]
-        # the op behind autograd's BatchNorm backward (what loss.backward() runs)
+        dy, mean, invstd = v["dy"], v["mean"], v["invstd"]
         return lambda: torch.ops.aten.native_batch_norm_backward(dy, x, g, rm, rv, mean, invstd, True, 1e-5,
-                                                                  mask)
+                                                                  [True, True, True])
+
+    def torch_kernels(self, inp: dict) -> dict:
+        """PyTorch's kernel: ``{"out": writes into the case's output buffer, "alloc": allocates}``.
+
+        ``torch.ops.aten.native_batch_norm(.out)`` / ``native_batch_norm_backward(.out)``, the ops behind
+        ``F.batch_norm`` and autograd; the ``.out`` form writes into the same memory as fastbn's ``out=``.
+        """
+        import torch
+
+        v = self._torch_views(inp)
+        aten = torch.ops.aten
+        x, g, b, rm, rv, y = v["x"], v["gamma"], v["beta"], v["running_mean"], v["running_var"], v["out"]
+        sm, si = v["save_mean"], v["save_invstd"]
+        if self.kernel in ("train", "infer"):
+            training = self.kernel == "train"
+            return {
+                "out": lambda: aten.native_batch_norm.out(x, g, b, rm, rv, training, 0.1, 1e-5, out=y,
+                                                          save_mean=sm, save_invstd=si),
+                "alloc": lambda: aten.native_batch_norm(x, g, b, rm, rv, training, 0.1, 1e-5),
+            }
+        dy, mean, invstd, dw, db = v["dy"], v["mean"], v["invstd"], v["dw"], v["db"]
+        mask = [True, True, True]
+        return {
+            "out": lambda: aten.native_batch_norm_backward.out(dy, x, g, rm, rv, mean, invstd, True, 1e-5, mask,
+                                                               out0=y, out1=dw, out2=db),
+            "alloc": lambda: aten.native_batch_norm_backward(dy, x, g, rm, rv, mean, invstd, True, 1e-5, mask),
+        }
 
     def numpy_runner(self, inp: dict) -> Callable[[], object]:
         """A plain NumPy implementation of the same operation (vectorized, float64 statistics)."""

@@ -62,6 +62,9 @@ _LAYOUTS = ((True, False, False), (False, True, False), (False, True, True), (Fa
             (False, False, True))
 _NO = np.zeros(1)
 _NO_CLIP = np.array([0.0, np.inf, np.inf])
+# Set per wrapper by _public (each wrapper is compiled from a copy of its function with these filled in).
+PARALLEL = True
+_V0 = _V1 = _V2 = _V3 = _V4 = None
 
 
 @helper

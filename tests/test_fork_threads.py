@@ -18,7 +18,6 @@ import pytest
 
 import fastbn
 from fastbn import _dispatch
-from fastbn._kernels.forward import train_forward
 
 ROOT = Path(fastbn.__file__).resolve().parents[1]
 TIMEOUT_S = 240  # a cold Numba cache compiles the large-input kernels first (~1 min on 2 cores)
@@ -150,38 +149,50 @@ def test_workqueue_layer_many_threads():
 # ------------------------------------------------------------------------------- in process
 
 
-def test_pick_follows_size_and_thread_count(threads):
-    assert _dispatch.pick(train_forward, _dispatch.SERIAL_MAX_ELEMS - 1) is train_forward.serial
+class _Recorder:
+    """A stand-in kernel: records which variant ran, with which thread count."""
+
+    def __init__(self):
+        self.calls = []
+
+    def variant(self, key):
+        return lambda nth, *args: self.calls.append((key[0], nth) + args)
+
+
+def test_call_follows_size_and_thread_count(threads):
+    k = _Recorder()
+    _dispatch.call(k, (), _dispatch.SERIAL_MAX_ELEMS - 1, "small")
     big = _dispatch.SERIAL_MAX_ELEMS
-    if numba.get_num_threads() > 1:
-        assert _dispatch.pick(train_forward, big) is train_forward.parallel
+    n = numba.get_num_threads()
+    _dispatch.call(k, (), big, "big")
     threads(1)
-    assert _dispatch.pick(train_forward, big) is train_forward.serial
+    _dispatch.call(k, (), big, "one thread")
+    assert k.calls[0] == (False, 1, "small")
+    assert k.calls[1] == ((True, n, "big") if n > 1 else (False, 1, "big"))
+    assert k.calls[2] == (False, 1, "one thread")
 
 
-def test_one_at_a_time_runs_serial_when_the_pool_is_busy():
-    """The workqueue guard: a caller that finds the pool taken runs the serial kernel (same bits)."""
-    calls = []
-
-    class K:
-        parallel = staticmethod(lambda v: calls.append(("parallel", v)))
-        serial = staticmethod(lambda v: calls.append(("serial", v)))
-
-    _dispatch._one_at_a_time(K, 1)
+def test_workqueue_guard_runs_serial_when_the_pool_is_busy(monkeypatch):
+    """The workqueue guard: a caller that finds the pool taken runs the serial variant (same bits)."""
+    monkeypatch.setattr(_dispatch, "_free", False)
+    monkeypatch.setattr(numba, "threading_layer", lambda: "workqueue")
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    k = _Recorder()
+    _dispatch._call_slow(k, (), (1,))
     with _dispatch._pool_lock:
-        _dispatch._one_at_a_time(K, 2)
-    assert calls == [("parallel", 1), ("serial", 2)]
+        _dispatch._call_slow(k, (), (2,))
+    assert k.calls == [(True, 2, 1), (False, 1, 2)]
 
 
-def test_every_wrapper_dispatches_through_pick():
-    """No public module chooses .parallel/.serial itself (one dispatch point for forks and layers)."""
+def test_every_wrapper_dispatches_through_call():
+    """No public module chooses a kernel variant itself (one dispatch point for forks and layers)."""
     pkg = Path(fastbn.__file__).parent
     offenders = []
     for path in pkg.rglob("*.py"):
         rel = path.relative_to(pkg).as_posix()
-        if rel.startswith("_kernels/") or rel in ("_dispatch.py", "_jit.py", "kernels.py", "bench.py"):
-            continue  # kernels.py exports the raw dispatchers; bench.py times the raw roofline copy
+        if rel.startswith("_kernels/") or rel in ("_dispatch.py", "_jit.py", "_run.py", "kernels.py", "bench.py"):
+            continue  # kernels.py exports the raw entry points; bench.py times the raw bound kernels
         text = path.read_text()
-        if ".parallel(" in text or ".serial(" in text or "def _pick" in text:
+        if ".parallel(" in text or ".serial(" in text or ".variant(" in text or "_kernels.entries" in text:
             offenders.append(rel)
     assert not offenders, offenders
