@@ -7,10 +7,10 @@ using the layer after the functional API compiles nothing more.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from fastbn._dispatch import call
+from fastbn._jit import helper
 from fastbn._kernels import entries
 from fastbn._kernels.plan import STREAM_MIN_BYTES, layout_of
 
@@ -80,7 +80,7 @@ def input_grad(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.n
          dy3, x3, y3 if relu else x3, dx3, dr3 if write_d else dx3, coefs)
 
 
-@numba.njit(cache=True)
+@helper
 def _ema(running, new, momentum):
     for c in range(running.shape[0]):
         running[c] = (1.0 - momentum) * running[c] + momentum * new[c]
