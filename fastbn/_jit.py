@@ -73,6 +73,12 @@ def helper(fn: Callable | None = None, *, reduction: bool = False, inline: bool 
     return wrap(fn) if fn is not None else wrap
 
 
+def driver(fn: Callable):
+    """Decorate a stand-alone parallel function (its ``prange`` loops run on Numba's thread pool): the
+    bound kernels in ``_kernels/roofline.py``. fastbn's kernels are :class:`Kernel` variants."""
+    return _jit(fn, parallel=PARALLEL_OPTIONS)
+
+
 class Kernel:
     """A kernel's compiled variants, all from one source function.
 

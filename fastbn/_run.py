@@ -12,7 +12,7 @@ import numpy as np
 from fastbn._dispatch import call
 from fastbn._jit import helper
 from fastbn._kernels import entries
-from fastbn._kernels.plan import STREAM_MIN_BYTES, layout_of
+from fastbn._kernels.plan import layout_of, streams
 
 _NO_RENORM = np.zeros(1)
 _NO_CLIP = np.array([0.0, np.inf, np.inf])
@@ -23,7 +23,7 @@ def train(x3: np.ndarray, r3: np.ndarray | None, y3: np.ndarray, g: np.ndarray, 
     """Training forward; returns float64 (5, C) rows mean, var (biased), invstd, r, d.
 
     ``r3``: residual or None; ``renorm``: None or (rn_mean, rn_std, clip) float64 arrays."""
-    stream = y3.nbytes >= STREAM_MIN_BYTES
+    stream = streams(*x3.shape, y3.nbytes)
     has_res = r3 is not None
     if renorm is None:
         rn_mean = rn_std = _NO_RENORM
@@ -40,7 +40,7 @@ def normalize(x3: np.ndarray, r3: np.ndarray | None, y3: np.ndarray, mean: np.nd
               b: np.ndarray, shift: np.ndarray, eps: float, from_var: bool, relu: bool = False) -> None:
     """y = act((x - mean) * k + shift [+ res]), k = a / sqrt(b + eps) if ``from_var`` else a."""
     has_res = r3 is not None
-    call(entries.normalize, layout_of(*x3.shape) + (relu, has_res, y3.nbytes >= STREAM_MIN_BYTES), x3.size,
+    call(entries.normalize, layout_of(*x3.shape) + (relu, has_res, streams(*x3.shape, y3.nbytes)), x3.size,
          x3, r3 if has_res else x3, y3, mean, a, b, shift, eps, from_var)
 
 
@@ -51,7 +51,7 @@ def backward(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.nda
     relu = y3 is not None
     write_d = dr3 is not None
     out = np.empty((2, x3.shape[1]))
-    call(entries.backward, layout_of(*x3.shape) + (relu, write_d, dx3.nbytes >= STREAM_MIN_BYTES), x3.size,
+    call(entries.backward, layout_of(*x3.shape) + (relu, write_d, streams(*x3.shape, dx3.nbytes)), x3.size,
          dy3, x3, y3 if relu else x3, dx3, dr3 if write_d else dx3, mean, invstd, g, bool(frozen), out)
     return out
 
@@ -76,7 +76,7 @@ def input_grad(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.n
     """dx from merged sums: coefs float64 (4, C) rows mean, k_dy, k_x, k_0."""
     relu = y3 is not None
     write_d = dr3 is not None
-    call(entries.input_grad, layout_of(*x3.shape) + (relu, write_d, dx3.nbytes >= STREAM_MIN_BYTES), x3.size,
+    call(entries.input_grad, layout_of(*x3.shape) + (relu, write_d, streams(*x3.shape, dx3.nbytes)), x3.size,
          dy3, x3, y3 if relu else x3, dx3, dr3 if write_d else dx3, coefs)
 
 

@@ -14,9 +14,9 @@ from fastbn._jit import choose, choose_by_layout, helper
 from fastbn._kernels.fwd import expand, tile
 from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
-                                  cl_slab_rows, n_chunks, slab_channels, task_range)
+                                  cl_stream_rows, n_chunks, slab_channels, task_range)
 from fastbn._kernels.reduce import cf_chunk_grad_sums, cf_group_grad_sums, cl_chunk_grad_sums
-from fastbn._kernels.rows import affine_coefficients, grad_run, grad_vec
+from fastbn._kernels.rows import affine_coefficients, grad_rows, grad_run, grad_vec
 
 # rows of P
 B_MEAN, B_INVSTD, B_GAMMA, B_SUM_DY, B_DOT = range(5)
@@ -151,13 +151,11 @@ def backward_owned_task(t, nt, dyf, xf, yf, dxf, df, A, C, B, P, coef, frozen, s
 @helper
 def grad_apply_cl(t, nt, dyf, xf, yf, dxf, df, A, C, B, coef, short, relu, write_d, stream, reverse):
     zero = np.zeros(1, coef.dtype)[0]
-    R = cl_slab_rows(C)
-    if R == 1:
+    if not stream:  # row by row, the coefficient rows as they are
         r0, r1 = task_range(t, nt, A)
-        for j in range(r1 - r0):
-            r = r1 - 1 - j if reverse else r0 + j
-            grad_vec(dyf, xf, yf, dxf, df, r * C, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d, stream)
+        grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d, reverse)
         return
+    R = cl_stream_rows(C)  # streaming: slabs of R rows, coefficients tiled (see plan.STREAM_RUN_ELEMS)
     E = np.empty((4, R * C), coef.dtype)
     tile(coef, C, R, E)
     s0, s1 = task_range(t, nt, n_chunks(A, R))

@@ -57,7 +57,7 @@ def stats_core(nth, xf, A, C, B, P, cl, owned, short):
 @helper(inline=True)
 def affine_core(nth, xf, rf, yf, A, C, B, coef, cl, owned, short, relu, has_res, stream, reverse):
     """y = act((x - m) * k + t [+ res]) with coef rows (m, k, t)."""
-    nt = tasks_for(elementwise_units(A, C, B, cl, owned, short), nth)
+    nt = tasks_for(elementwise_units(A, C, B, cl, owned, short, stream), nth)
     for t in prange(nt):
         fwd.affine_task(np.int64(t), nt, xf, rf, yf, A, C, B, coef, cl, owned, short, relu, has_res, stream,
                         reverse)
@@ -117,7 +117,7 @@ def grad_sums_core(nth, dyf, xf, yf, A, C, B, P, cl, owned, short, relu):
 @helper(inline=True)
 def grad_apply_core(nth, dyf, xf, yf, dxf, df, A, C, B, coef, cl, owned, short, relu, write_d, stream, reverse):
     """dx (and d) from coef rows (m, k_x, k_0, k_dy)."""
-    nt = tasks_for(elementwise_units(A, C, B, cl, owned, short), nth)
+    nt = tasks_for(elementwise_units(A, C, B, cl, owned, short, stream), nth)
     for t in prange(nt):
         bwd.grad_apply_task(np.int64(t), nt, dyf, xf, yf, dxf, df, A, C, B, coef, cl, owned, short, relu, write_d,
                             stream, reverse)

@@ -15,9 +15,9 @@ import numpy as np
 from fastbn._jit import choose, choose_by_layout, helper
 from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
-                                  cl_slab_rows, n_chunks, slab_channels, task_range)
+                                  cl_stream_rows, n_chunks, slab_channels, task_range)
 from fastbn._kernels.reduce import cf_chunk_stats, cf_group_stats, cl_chunk_stats
-from fastbn._kernels.rows import act_run, act_vec, affine_coefficients
+from fastbn._kernels.rows import act_rows, act_run, act_vec, affine_coefficients
 
 # rows of P
 GAMMA, BETA, MEAN, VAR, INVSTD, R, D, RN_MEAN, RN_STD, M2 = range(10)
@@ -195,13 +195,11 @@ def train_owned_task(t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax,
 @helper
 def affine_cl(t, nt, xf, rf, yf, A, C, B, coef, short, relu, has_res, stream, reverse):
     zero = np.zeros(1, coef.dtype)[0]
-    R = cl_slab_rows(C)
-    if R == 1:  # long rows: one row per slab, the coefficient rows as they are
+    if not stream:  # row by row, the coefficient rows as they are
         r0, r1 = task_range(t, nt, A)
-        for j in range(r1 - r0):
-            r = r1 - 1 - j if reverse else r0 + j
-            act_vec(xf, rf, yf, r * C, coef[0], coef[1], coef[2], zero, relu, has_res, stream)
+        act_rows(xf, rf, yf, r0, r1, C, coef[0], coef[1], coef[2], zero, relu, has_res, reverse)
         return
+    R = cl_stream_rows(C)  # streaming: slabs of R rows, coefficients tiled (see plan.STREAM_RUN_ELEMS)
     E = np.empty((3, R * C), coef.dtype)
     tile(coef, C, R, E)
     s0, s1 = task_range(t, nt, n_chunks(A, R))

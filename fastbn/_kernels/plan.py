@@ -99,10 +99,30 @@ def cl_block(C):
     return min(C, SLAB_ELEMS)
 
 
+# Outputs of at least this many bytes are written with streaming stores (intrin.stream_store). Below it
+# the output is better left in cache for its consumer (measured crossover: see the README's performance
+# section).
+STREAM_MIN_BYTES = 16 << 20
+# Streaming stores pay only in long runs: one core writing 102.8 MB in runs of 512 bytes took 27 ms with
+# streaming stores against 10 ms with ordinary ones, in runs of 4 KiB 7.7 against 9.2 ms, in runs of
+# 16 KiB 5.9 against 8.5 ms (aligned runs, no fence between them). So a pass streams only where each
+# call of a writer covers at least STREAM_RUN_ELEMS values: channels-first rows that long, channels-last
+# rows grouped into slabs that long (coefficients tiled); short channels-first rows never stream.
+STREAM_RUN_ELEMS = 2048
+
+
+def streams(A: int, C: int, B: int, nbytes: int) -> bool:
+    """Whether a pass writing ``nbytes`` over an (A, C, B) layout uses streaming stores (Python side:
+    the kernels' STREAM flag)."""
+    if nbytes < STREAM_MIN_BYTES:
+        return False
+    return B == 1 or B >= STREAM_RUN_ELEMS
+
+
 @helper(inline=True)
-def cl_slab_rows(C):
-    """Rows per channels-last slab (1 when rows are cut into channel blocks)."""
-    return max(1, SLAB_ELEMS // C)
+def cl_stream_rows(C):
+    """Rows per channels-last slab of a streaming pass (at least STREAM_RUN_ELEMS values)."""
+    return max(1, (STREAM_RUN_ELEMS + C - 1) // C)
 
 
 @helper(inline=True)
@@ -122,23 +142,17 @@ def tasks_for(units, threads):
     return max(1, min(units, threads))
 
 
-# Outputs of at least this many bytes are written with streaming stores (intrin.stream_store). Below it
-# the output is better left in cache for its consumer. Measured crossover: see STREAM_MIN_BYTES' note
-# in the README's performance section.
-STREAM_MIN_BYTES = 16 << 20
-
-
 @helper(inline=True)
 def stream_for(nbytes):
     return nbytes >= STREAM_MIN_BYTES
 
 
 @helper(inline=True)
-def elementwise_units(A, C, B, cl, owned, short):
-    """Work units of an elementwise pass: rows (channels-first long rows), slabs (short rows), rows or
-    slabs of rows (channels-last); see fwd.affine_task."""
+def elementwise_units(A, C, B, cl, owned, short, stream):
+    """Work units of an elementwise pass: rows (channels-first long rows), slabs (short rows), rows or,
+    streaming, slabs of rows (channels-last); see fwd.affine_task."""
     if cl:
-        return n_chunks(A, cl_slab_rows(C))
+        return n_chunks(A, cl_stream_rows(C)) if stream else A
     if short:
         return n_chunks(C, slab_channels(B)) * A
     return A * C

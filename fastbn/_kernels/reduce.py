@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastbn._jit import choose, helper
-from fastbn._kernels.plan import cf_rows_per_chunk, cl_slab_rows
+from fastbn._kernels.plan import cf_rows_per_chunk
 from fastbn._kernels.rows import (chan_merge, grad_sums_rows, shifted_sums_rows, shifted_sums_run, shifted_to_stats)
 
 
@@ -167,55 +167,8 @@ def cf_group_grad_sums(dyf, xf, yf, A, C, B, c0, c1, mean, relu, buf, gd, gx, td
             gx[i] += tx[i]
 
 
-# ---- channels-last: rows [r0, r1) x channels [c0, c1) of (R, C); slabs of cl_slab_rows(C) rows when a
-# block is a whole row (C <= SLAB_ELEMS), single rows otherwise.
-
-
-@helper
-def _cl_fold(S, R, w, out):
-    """out[c] = sum over the R sub-rows u of S[u * w + c], in order."""
-    for c in range(w):
-        out[c] = S[c]
-    for u in range(1, R):
-        for c in range(w):
-            out[c] += S[u * w + c]
-
-
-@helper
-def _cl_accumulate(xf, dyf, yf, C, r0, r1, c0, c1, shift, relu, buf, stats):
-    """Elementwise float64 accumulation of one channels-last chunk into buf[1], buf[2] (each holding R
-    sub-rows of the block); returns R. ``stats``: shifted sums of x (shift = buf[0]); otherwise gradient
-    sums of dy against the mean (buf[0])."""
-    w = c1 - c0
-    R = cl_slab_rows(C) if w == C else 1
-    L = R * w
-    K0 = buf[0, :L]
-    S1 = buf[1, :L]
-    S2 = buf[2, :L]
-    for u in range(R):
-        for c in range(w):
-            K0[u * w + c] = shift[c]
-    zero_fill(S1)
-    zero_fill(S2)
-    rows = r1 - r0
-    q = rows // R
-    if R == 1:
-        if stats:
-            shifted_sums_rows(xf, r0 * C + c0, C, rows, K0, S1, S2)
-        else:
-            grad_sums_rows(dyf, xf, yf, r0 * C + c0, C, rows, K0, S1, S2, relu)
-        return R
-    rem = rows - q * R
-    if stats:
-        shifted_sums_rows(xf, r0 * C, L, q, K0, S1, S2)
-        if rem > 0:
-            shifted_sums_rows(xf, (r0 + q * R) * C, 0, 1, K0[:rem * C], S1[:rem * C], S2[:rem * C])
-    else:
-        grad_sums_rows(dyf, xf, yf, r0 * C, L, q, K0, S1, S2, relu)
-        if rem > 0:
-            grad_sums_rows(dyf, xf, yf, (r0 + q * R) * C, 0, 1, K0[:rem * C], S1[:rem * C], S2[:rem * C],
-                           relu)
-    return R
+# ---- channels-last: rows [r0, r1) x channels [c0, c1) of (R, C), accumulated row by row into float64
+# arrays (rows.shifted_sums_rows / grad_sums_rows).
 
 
 @helper
@@ -225,9 +178,9 @@ def cl_chunk_stats(xf, C, r0, r1, c0, c1, buf, shift, pm, pq):
     w = c1 - c0
     for c in range(w):
         shift[c] = xf[r0 * C + c0 + c]
-    R = _cl_accumulate(xf, xf, xf, C, r0, r1, c0, c1, shift, False, buf, True)
-    _cl_fold(buf[1], R, w, pm)
-    _cl_fold(buf[2], R, w, pq)
+        pm[c] = 0.0
+        pq[c] = 0.0
+    shifted_sums_rows(xf, r0 * C + c0, C, r1 - r0, shift, pm, pq)
     n = float(r1 - r0)
     for c in range(w):
         pm[c], pq[c] = shifted_to_stats(shift[c], pm[c], pq[c], n)
@@ -237,9 +190,10 @@ def cl_chunk_stats(xf, C, r0, r1, c0, c1, buf, shift, pm, pq):
 def cl_chunk_grad_sums(dyf, xf, yf, C, r0, r1, c0, c1, mean, relu, buf, psd, psx):
     """Chunk sums (sum g, sum g * (x - mean)) of channels c0..c1 over rows r0..r1 into psd, psx;
     ``mean`` is the float64 mean of those channels (length c1 - c0)."""
-    R = _cl_accumulate(xf, dyf, yf, C, r0, r1, c0, c1, mean, relu, buf, False)
-    _cl_fold(buf[1], R, c1 - c0, psd)
-    _cl_fold(buf[2], R, c1 - c0, psx)
+    for c in range(c1 - c0):
+        psd[c] = 0.0
+        psx[c] = 0.0
+    grad_sums_rows(dyf, xf, yf, r0 * C + c0, C, r1 - r0, mean, psd, psx, relu)
 
 
 @helper

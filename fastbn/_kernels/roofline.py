@@ -12,32 +12,36 @@ from numba import prange
 from fastbn._jit import driver, helper
 from fastbn._kernels.intrin import num_threads, store_fence, stream_store
 from fastbn._kernels.plan import task_range
-from fastbn._kernels.rows import plain_prefix
+from fastbn._kernels.rows import stream_span
 
 
 @helper
 def _copy_range(src, dst, stream):
-    h = plain_prefix(dst, stream)
+    h, e = stream_span(dst) if stream else (dst.size, dst.size)
     for i in range(h):
         dst[i] = src[i]
-    s = src[h:]
-    d = dst[h:]
-    for i in range(d.size):
+    s = src[h:e]
+    d = dst[h:e]
+    for i in range(e - h):
         stream_store(d, i, s[i])
+    for i in range(e, dst.size):
+        dst[i] = src[i]
     if stream:
         store_fence()
 
 
 @helper
 def _add_range(a, b, dst, stream):
-    h = plain_prefix(dst, stream)
+    h, e = stream_span(dst) if stream else (dst.size, dst.size)
     for i in range(h):
         dst[i] = a[i] + b[i]
-    aa = a[h:]
-    bb = b[h:]
-    d = dst[h:]
-    for i in range(d.size):
+    aa = a[h:e]
+    bb = b[h:e]
+    d = dst[h:e]
+    for i in range(e - h):
         stream_store(d, i, aa[i] + bb[i])
+    for i in range(e, dst.size):
+        dst[i] = a[i] + b[i]
     if stream:
         store_fence()
 

@@ -11,9 +11,9 @@ Loops index row views from 0 with ``range(n)``: indexing the flat array with ``r
 Numba's negative-index wraparound in the loop and blocks LLVM's vectorizer (measured 5.9 ms vs 0.56 ms
 for a float64 sum of 6.4M float32 values on one core).
 
-With ``stream``, every writer stores through the same two loops: ordinary stores for the first
-``plain_prefix`` elements, then streaming stores (``intrin.stream_store``) from a 64-byte-aligned address
-on; without it, one loop of ordinary stores.
+With ``stream``, every writer stores the whole 64-byte lines of its run with streaming stores
+(``intrin.stream_store``) and the partial lines at either end with ordinary ones (``stream_span``);
+without it, one loop of ordinary stores.
 
 The per-element update ``(x - m) * k + t`` runs in the compute dtype (the input's, float32 for float32):
 float32 arithmetic streams at copy speed where float64 per element ran 3x slower (62 vs 23 us for 1 MiB on
@@ -30,19 +30,24 @@ from fastbn._kernels.intrin import STREAM_ALIGN, address, stream_store
 
 
 @helper(inline=True)
-def plain_prefix(y, stream):
-    """How many leading elements of ``y`` to write with ordinary stores: all of them when not
-    streaming, else those before the first 64-byte boundary (all if y's elements are misaligned)."""
+def stream_span(y):
+    """(h, e): write y[h:e] with streaming stores and the rest with ordinary ones. y[h:e] is the whole
+    64-byte lines inside y: a line written partly by streaming stores and partly by ordinary ones (a
+    row's last line and the next row's first) makes the write-combining buffer flush a partial line,
+    a read-modify-write in memory: 80 ms instead of 11 for 102.8 MB in rows of 512 bytes on one core.
+    (0, 0) when y's elements are not aligned to their size."""
     n = y.size
-    if not stream:
-        return n
     isz = y.itemsize
-    off = address(y) % STREAM_ALIGN
-    if off % isz != 0:
-        return n
-    if off == 0:
-        return 0
-    return min(n, (STREAM_ALIGN - off) // isz)
+    a = address(y)
+    if a % isz != 0:
+        return 0, 0
+    per_line = STREAM_ALIGN // isz
+    off = a % STREAM_ALIGN
+    h = 0 if off == 0 else (STREAM_ALIGN - off) // isz
+    if h >= n:
+        return 0, 0
+    e = h + ((n - h) // per_line) * per_line
+    return h, e
 
 
 @helper(inline=True)
@@ -57,7 +62,7 @@ def affine_coefficients(coef, c, mean, k_x, k_0):
 
 
 # ---- writers. Each has one loop with ordinary stores and, when ``stream``, a loop with streaming stores
-# from the first 64-byte boundary of the destination on. The flags (relu, has_res, write_d, stream) reach
+# over the destination's whole 64-byte lines (ordinary stores for the partial lines at either end). The flags (relu, has_res, write_d, stream) reach
 # these functions as compile-time literals (see _jit.kernel), so each compiled variant holds only its loops.
 # ``zero`` is 0 in the compute dtype (a float64 literal would promote the select, and the loop, to float64).
 
@@ -88,14 +93,19 @@ def act_run(xf, rf, yf, s, n, m, k, t, zero, relu, has_res, stream):
     r = rf[s:s + n]
     y = yf[s:s + n]
     if stream:
-        h = plain_prefix(y, stream)
+        h, e = stream_span(y)
         for i in range(h):
             y[i] = act(x[i], r[i], m, k, t, zero, relu, has_res)
-        xs = x[h:]
-        rs = r[h:]
-        ys = y[h:]
-        for i in range(n - h):
+        xs = x[h:e]
+        rs = r[h:e]
+        ys = y[h:e]
+        for i in range(e - h):
             stream_store(ys, i, act(xs[i], rs[i], m, k, t, zero, relu, has_res))
+        xt = x[e:]
+        rt = r[e:]
+        yt = y[e:]
+        for i in range(n - e):
+            yt[i] = act(xt[i], rt[i], m, k, t, zero, relu, has_res)
     else:
         for i in range(n):
             y[i] = act(x[i], r[i], m, k, t, zero, relu, has_res)
@@ -109,20 +119,36 @@ def act_vec(xf, rf, yf, s, M, K, T, zero, relu, has_res, stream):
     r = rf[s:s + n]
     y = yf[s:s + n]
     if stream:
-        h = plain_prefix(y, stream)
+        h, e = stream_span(y)
         for i in range(h):
             y[i] = act(x[i], r[i], M[i], K[i], T[i], zero, relu, has_res)
-        xs = x[h:]
-        rs = r[h:]
-        ys = y[h:]
-        Ms = M[h:]
-        Ks = K[h:]
-        Ts = T[h:]
-        for i in range(n - h):
+        xs = x[h:e]
+        rs = r[h:e]
+        ys = y[h:e]
+        Ms = M[h:e]
+        Ks = K[h:e]
+        Ts = T[h:e]
+        for i in range(e - h):
             stream_store(ys, i, act(xs[i], rs[i], Ms[i], Ks[i], Ts[i], zero, relu, has_res))
+        for i in range(e, n):
+            y[i] = act(x[i], r[i], M[i], K[i], T[i], zero, relu, has_res)
     else:
         for i in range(n):
             y[i] = act(x[i], r[i], M[i], K[i], T[i], zero, relu, has_res)
+
+
+@helper
+def act_rows(xf, rf, yf, r0, r1, C, M, K, T, zero, relu, has_res, reverse):
+    """Channels-last rows r0..r1 (of C values) of y = act((x - M) * K + T [+ res]), M, K, T per channel,
+    in one call (a call per row of 64 values cost ~5 ns a row, a quarter of the pass); ``reverse`` walks
+    the rows backwards. Ordinary stores (streaming passes use act_vec over slabs)."""
+    for j in range(r1 - r0):
+        r = r1 - 1 - j if reverse else r0 + j
+        x = xf[r * C:(r + 1) * C]
+        rr = rf[r * C:(r + 1) * C]
+        y = yf[r * C:(r + 1) * C]
+        for c in range(C):
+            y[c] = act(x[c], rr[c], M[c], K[c], T[c], zero, relu, has_res)
 
 
 @helper
@@ -135,24 +161,30 @@ def grad_run(dyf, xf, yf, dxf, df, s, n, m, k_dy, k_x, k_0, zero, relu, write_d,
     dx = dxf[s:s + n]
     d = df[s:s + n]
     if stream:
-        h = plain_prefix(dx, stream)
+        h, e = stream_span(dx)
         for i in range(h):
             g = masked(dy[i], y[i], zero, relu)
             u = g * k_dy + (x[i] - m) * k_x + k_0
             if write_d:
                 d[i] = g
             dx[i] = u
-        dys = dy[h:]
-        xs = x[h:]
-        ys = y[h:]
-        dxs = dx[h:]
-        ds = d[h:]
-        for i in range(n - h):
+        dys = dy[h:e]
+        xs = x[h:e]
+        ys = y[h:e]
+        dxs = dx[h:e]
+        ds = d[h:e]
+        for i in range(e - h):
             g = masked(dys[i], ys[i], zero, relu)
             u = g * k_dy + (xs[i] - m) * k_x + k_0
             if write_d:
                 stream_store(ds, i, g)
             stream_store(dxs, i, u)
+        for i in range(e, n):
+            g = masked(dy[i], y[i], zero, relu)
+            u = g * k_dy + (x[i] - m) * k_x + k_0
+            if write_d:
+                d[i] = g
+            dx[i] = u
     else:
         for i in range(n):
             g = masked(dy[i], y[i], zero, relu)
@@ -173,28 +205,34 @@ def grad_vec(dyf, xf, yf, dxf, df, s, M, KX, K0, KDY, zero, relu, write_d, strea
     dx = dxf[s:s + n]
     d = df[s:s + n]
     if stream:
-        h = plain_prefix(dx, stream)
+        h, e = stream_span(dx)
         for i in range(h):
             g = masked(dy[i], y[i], zero, relu)
             u = g * KDY[i] + (x[i] - M[i]) * KX[i] + K0[i]
             if write_d:
                 d[i] = g
             dx[i] = u
-        dys = dy[h:]
-        xs = x[h:]
-        ys = y[h:]
-        dxs = dx[h:]
-        ds = d[h:]
-        Ms = M[h:]
-        KXs = KX[h:]
-        K0s = K0[h:]
-        KDYs = KDY[h:]
-        for i in range(n - h):
+        dys = dy[h:e]
+        xs = x[h:e]
+        ys = y[h:e]
+        dxs = dx[h:e]
+        ds = d[h:e]
+        Ms = M[h:e]
+        KXs = KX[h:e]
+        K0s = K0[h:e]
+        KDYs = KDY[h:e]
+        for i in range(e - h):
             g = masked(dys[i], ys[i], zero, relu)
             u = g * KDYs[i] + (xs[i] - Ms[i]) * KXs[i] + K0s[i]
             if write_d:
                 stream_store(ds, i, g)
             stream_store(dxs, i, u)
+        for i in range(e, n):
+            g = masked(dy[i], y[i], zero, relu)
+            u = g * KDY[i] + (x[i] - M[i]) * KX[i] + K0[i]
+            if write_d:
+                d[i] = g
+            dx[i] = u
     else:
         for i in range(n):
             g = masked(dy[i], y[i], zero, relu)
@@ -202,6 +240,24 @@ def grad_vec(dyf, xf, yf, dxf, df, s, M, KX, K0, KDY, zero, relu, write_d, strea
             if write_d:
                 d[i] = g
             dx[i] = u
+
+
+@helper
+def grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, M, KX, K0, KDY, zero, relu, write_d, reverse):
+    """Channels-last rows r0..r1 of grad_vec in one call (see act_rows)."""
+    for j in range(r1 - r0):
+        r = r1 - 1 - j if reverse else r0 + j
+        dy = dyf[r * C:(r + 1) * C]
+        x = xf[r * C:(r + 1) * C]
+        y = yf[r * C:(r + 1) * C]
+        dx = dxf[r * C:(r + 1) * C]
+        d = df[r * C:(r + 1) * C]
+        for c in range(C):
+            g = masked(dy[c], y[c], zero, relu)
+            u = g * KDY[c] + (x[c] - M[c]) * KX[c] + K0[c]
+            if write_d:
+                d[c] = g
+            dx[c] = u
 
 
 # ---- sums, in float64. A long row is one vectorized reduction (``reduction=True`` lets LLVM split the
@@ -224,13 +280,30 @@ def shifted_sums_run(xf, s, n, k):
     return s1, s2
 
 
+@helper(inline=True)
+def unroll_rows(n):
+    """Whether runs of n values are accumulated several rows per load and store of the accumulators.
+
+    Measured on one core, 6.4M float32 values into float64 accumulators, 4 rows a step against 1: runs of
+    64 values 1.1 ms against 1.4; 128: 3.0 against 1.7; 256: 3.0 against 1.7; 512: 2.5 against 3.5; 1024:
+    1.6 against 3.0 (the unrolled loop stalls on runs of 128-256 whatever the accumulators' placement;
+    presumably the accumulator stores alias the next rows' loads). Alternatives measured and dropped:
+    8 rows a step (no better); blocks of 16 values accumulated in vector registers over the rows of a
+    chunk (an LLVM-level loop: no stores at all, but the strided reads it makes ran 2x slower on arrays
+    beyond L3, even with software prefetch of the next rows). Depends on n only: the order of additions,
+    and so the bits, is a function of the shape.
+    """
+    return n < 96 or n >= 512
+
+
 @helper
 def shifted_sums_rows(xf, s0, stride, rows, K0, S1, S2):
     """S1[j] += sum_r (x[s0 + r*stride + j] - K0[j]), S2[j] += the squares, over ``rows`` runs of
-    len(K0) elements ``stride`` apart (float64 accumulators)."""
+    len(K0) elements ``stride`` apart (float64 accumulators; 4 rows a step where unroll_rows says so,
+    added pairwise in a fixed order)."""
     n = K0.size
     r = 0
-    while r + 4 <= rows:
+    while unroll_rows(n) and r + 4 <= rows:
         x0 = xf[s0 + r * stride:s0 + r * stride + n]
         x1 = xf[s0 + (r + 1) * stride:s0 + (r + 1) * stride + n]
         x2 = xf[s0 + (r + 2) * stride:s0 + (r + 2) * stride + n]
@@ -286,30 +359,21 @@ def grad_sums_run_masked(dyf, xf, yf, s, n, m):
 @helper
 def grad_sums_rows(dyf, xf, yf, s0, stride, rows, M, SD, SX, relu):
     """SD[j] += sum_r g, SX[j] += sum_r g * (x - M[j]) over ``rows`` runs of len(M) elements ``stride``
-    apart; g = dy, or dy masked by y > 0 when relu (float64 accumulators, two rows per load/store)."""
+    apart; g = dy, or dy masked by y > 0 when relu (float64 accumulators, two rows a step where
+    unroll_rows says so)."""
     n = M.size
     r = 0
-    if relu:
-        while r < rows:
-            o = s0 + r * stride
-            g0 = dyf[o:o + n]
-            x0 = xf[o:o + n]
-            y0 = yf[o:o + n]
-            for j in range(n):
-                a = 0.0 if y0[j] <= 0.0 else np.float64(g0[j])
-                SD[j] += a
-                SX[j] += a * (x0[j] - M[j])
-            r += 1
-        return
-    while r + 2 <= rows:
+    while unroll_rows(n) and r + 2 <= rows:
         o = s0 + r * stride
         g0 = dyf[o:o + n]
         g1 = dyf[o + stride:o + stride + n]
         x0 = xf[o:o + n]
         x1 = xf[o + stride:o + stride + n]
+        y0 = yf[o:o + n]
+        y1 = yf[o + stride:o + stride + n]
         for j in range(n):
-            a = np.float64(g0[j])
-            b = np.float64(g1[j])
+            a = masked(np.float64(g0[j]), y0[j], 0.0, relu)
+            b = masked(np.float64(g1[j]), y1[j], 0.0, relu)
             SD[j] += a + b
             SX[j] += a * (x0[j] - M[j]) + b * (x1[j] - M[j])
         r += 2
@@ -317,8 +381,9 @@ def grad_sums_rows(dyf, xf, yf, s0, stride, rows, M, SD, SX, relu):
         o = s0 + r * stride
         g0 = dyf[o:o + n]
         x0 = xf[o:o + n]
+        y0 = yf[o:o + n]
         for j in range(n):
-            a = np.float64(g0[j])
+            a = masked(np.float64(g0[j]), y0[j], 0.0, relu)
             SD[j] += a
             SX[j] += a * (x0[j] - M[j])
         r += 1
