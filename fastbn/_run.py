@@ -12,9 +12,16 @@ import numpy as np
 from fastbn._dispatch import call
 from fastbn._jit import helper
 from fastbn._kernels import entries
-from fastbn._kernels.plan import layout_of, streams
+from fastbn._kernels.plan import CHANNEL_WINDOW, channel_windows, layout_of, streams
 
 _NO_RENORM = np.zeros(1)
+
+
+def _layout(shape: tuple) -> tuple:
+    """The layout flags of the (A, C, B) shape, for the channel width the kernels see (a window's)."""
+    A, C, B = shape
+    return layout_of(A, min(C, CHANNEL_WINDOW), B)
+
 _NO_CLIP = np.array([0.0, np.inf, np.inf])
 
 
@@ -31,8 +38,10 @@ def train(x3: np.ndarray, r3: np.ndarray | None, y3: np.ndarray, g: np.ndarray, 
     else:
         rn_mean, rn_std, clip = renorm
     out = np.empty((5, x3.shape[1]))
-    call(entries.train, layout_of(*x3.shape) + (relu, has_res, renorm is not None, stream), x3.size,
-         x3, r3 if has_res else x3, y3, g, b, eps, rn_mean, rn_std, clip, out)
+    flags = _layout(x3.shape) + (relu, has_res, renorm is not None, stream)
+    for c0, c1 in channel_windows(x3.shape[1]):
+        call(entries.train, flags, x3.size, x3, r3 if has_res else x3, y3, g, b, eps, rn_mean, rn_std, clip, out,
+             c0, c1)
     return out
 
 
@@ -40,8 +49,10 @@ def normalize(x3: np.ndarray, r3: np.ndarray | None, y3: np.ndarray, mean: np.nd
               b: np.ndarray, shift: np.ndarray, eps: float, from_var: bool, relu: bool = False) -> None:
     """y = act((x - mean) * k + shift [+ res]), k = a / sqrt(b + eps) if ``from_var`` else a."""
     has_res = r3 is not None
-    call(entries.normalize, layout_of(*x3.shape) + (relu, has_res, streams(*x3.shape, y3.nbytes)), x3.size,
-         x3, r3 if has_res else x3, y3, mean, a, b, shift, eps, from_var)
+    flags = _layout(x3.shape) + (relu, has_res, streams(*x3.shape, y3.nbytes))
+    for c0, c1 in channel_windows(x3.shape[1]):
+        call(entries.normalize, flags, x3.size, x3, r3 if has_res else x3, y3, mean, a, b, shift, eps, from_var,
+             c0, c1)
 
 
 def backward(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.ndarray, dr3: np.ndarray | None,
@@ -51,15 +62,18 @@ def backward(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.nda
     relu = y3 is not None
     write_d = dr3 is not None
     out = np.empty((2, x3.shape[1]))
-    call(entries.backward, layout_of(*x3.shape) + (relu, write_d, streams(*x3.shape, dx3.nbytes)), x3.size,
-         dy3, x3, y3 if relu else x3, dx3, dr3 if write_d else dx3, mean, invstd, g, bool(frozen), out)
+    flags = _layout(x3.shape) + (relu, write_d, streams(*x3.shape, dx3.nbytes))
+    for c0, c1 in channel_windows(x3.shape[1]):
+        call(entries.backward, flags, x3.size, dy3, x3, y3 if relu else x3, dx3, dr3 if write_d else dx3, mean,
+             invstd, g, bool(frozen), out, c0, c1)
     return out
 
 
 def stats(x3: np.ndarray) -> np.ndarray:
     """float64 (2, C) rows mean, M2 (count A * B)."""
     out = np.empty((2, x3.shape[1]))
-    call(entries.stats, layout_of(*x3.shape), x3.size, x3, out)
+    for c0, c1 in channel_windows(x3.shape[1]):
+        call(entries.stats, _layout(x3.shape), x3.size, x3, out, c0, c1)
     return out
 
 
@@ -67,7 +81,9 @@ def grad_sums(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, mean: np.n
     """float64 (2, C) rows sum(g), sum(g * (x - mean)); g masked by y > 0 when ``y3`` is given."""
     relu = y3 is not None
     out = np.empty((2, x3.shape[1]))
-    call(entries.grad_sums, layout_of(*x3.shape) + (relu,), x3.size, dy3, x3, y3 if relu else x3, mean, out)
+    for c0, c1 in channel_windows(x3.shape[1]):
+        call(entries.grad_sums, _layout(x3.shape) + (relu,), x3.size, dy3, x3, y3 if relu else x3, mean, out, c0,
+             c1)
     return out
 
 
@@ -76,8 +92,10 @@ def input_grad(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.n
     """dx from merged sums: coefs float64 (4, C) rows mean, k_dy, k_x, k_0."""
     relu = y3 is not None
     write_d = dr3 is not None
-    call(entries.input_grad, layout_of(*x3.shape) + (relu, write_d, streams(*x3.shape, dx3.nbytes)), x3.size,
-         dy3, x3, y3 if relu else x3, dx3, dr3 if write_d else dx3, coefs)
+    flags = _layout(x3.shape) + (relu, write_d, streams(*x3.shape, dx3.nbytes))
+    for c0, c1 in channel_windows(x3.shape[1]):
+        call(entries.input_grad, flags, x3.size, dy3, x3, y3 if relu else x3, dx3, dr3 if write_d else dx3, coefs,
+             c0, c1)
 
 
 @helper

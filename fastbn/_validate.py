@@ -18,7 +18,10 @@ _CONSTANTS: dict = {}
 
 
 def _constant_vector(C: int, value: float) -> np.ndarray:
-    """A shared float64 (C,) array of ``value`` (gamma/beta defaults); kernels only read it."""
+    """A shared float64 (C,) array of ``value`` (gamma/beta defaults); kernels only read it. Wide ones
+    are not kept (256 cached vectors of 2**24 channels would hold 32 GiB)."""
+    if C > 1 << 16:
+        return np.full(C, value)
     v = _CONSTANTS.get((C, value))
     if v is None:
         if len(_CONSTANTS) > 256:

@@ -98,15 +98,15 @@ def _train_forward(x, gamma, beta, eps, y, mean, invstd, running_mean, running_v
     nth = num_threads() if PARALLEL else 1
     i = _layout_index(A, C, B)
     if i == 0:
-        _V0(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st)
+        _V0(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st, 0, C)
     elif i == 1:
-        _V1(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st)
+        _V1(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st, 0, C)
     elif i == 2:
-        _V2(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st)
+        _V2(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st, 0, C)
     elif i == 3:
-        _V3(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st)
+        _V3(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st, 0, C)
     else:
-        _V4(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st)
+        _V4(nth, xw, xw, y, g, b, eps, _NO, _NO, _NO_CLIP, st, 0, C)
     n = float(A * B)
     for c in range(C):
         mean[c] = st[0, c]
@@ -129,15 +129,15 @@ def _infer_forward(x, running_mean, running_var, gamma, beta, eps, y):
     nth = num_threads() if PARALLEL else 1
     i = _layout_index(A, C, B)
     if i == 0:
-        _V0(nth, xw, xw, y, m, g, v, b, eps, True)
+        _V0(nth, xw, xw, y, m, g, v, b, eps, True, 0, C)
     elif i == 1:
-        _V1(nth, xw, xw, y, m, g, v, b, eps, True)
+        _V1(nth, xw, xw, y, m, g, v, b, eps, True, 0, C)
     elif i == 2:
-        _V2(nth, xw, xw, y, m, g, v, b, eps, True)
+        _V2(nth, xw, xw, y, m, g, v, b, eps, True, 0, C)
     elif i == 3:
-        _V3(nth, xw, xw, y, m, g, v, b, eps, True)
+        _V3(nth, xw, xw, y, m, g, v, b, eps, True, 0, C)
     else:
-        _V4(nth, xw, xw, y, m, g, v, b, eps, True)
+        _V4(nth, xw, xw, y, m, g, v, b, eps, True, 0, C)
 
 
 def _backward(dy, x, mean, invstd, gamma, dx, dgamma, dbeta, frozen):
@@ -154,15 +154,15 @@ def _backward(dy, x, mean, invstd, gamma, dx, dgamma, dbeta, frozen):
     nth = num_threads() if PARALLEL else 1
     i = _layout_index(A, C, B)
     if i == 0:
-        _V0(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out)
+        _V0(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out, 0, C)
     elif i == 1:
-        _V1(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out)
+        _V1(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out, 0, C)
     elif i == 2:
-        _V2(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out)
+        _V2(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out, 0, C)
     elif i == 3:
-        _V3(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out)
+        _V3(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out, 0, C)
     else:
-        _V4(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out)
+        _V4(nth, dyw, xw, xw, dx, dx, m, s, g, frozen, out, 0, C)
     for c in range(C):
         dgamma[c] = out[0, c]
         dbeta[c] = out[1, c]
@@ -210,7 +210,7 @@ def variant(name: str, parallel: bool = True, **flags: bool) -> Any:
     >>> cl, owned, short = layout_of(*x.shape)
     >>> stats = kernels.variant("stats", False, CL=cl, OWNED=owned, SHORT=short)
     >>> out = np.empty((2, 4))
-    >>> stats(1, x, out)                              # out[0] = mean, out[1] = sum of squared deviations
+    >>> stats(1, x, out, 0, 4)                        # out[0] = mean, out[1] = sum of squared deviations
     >>> bool(np.allclose(out[0], x.mean(axis=(0, 2))))
     True
     """

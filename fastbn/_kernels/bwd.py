@@ -38,7 +38,7 @@ def grad_coefficients(coef, c, n, sum_dy, dot, mean, invstd, gamma, frozen):
 
 
 @helper
-def grad_sums_cl(t, nt, dyf, xf, yf, A, C, B, P, part, short, relu):
+def grad_sums_cl(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
     """Channels-last: (row chunk, channel block) sums into part[0/1, k, c]."""
     buf = np.empty((3, SLAB_ELEMS))
     mean = P[B_MEAN]
@@ -50,12 +50,12 @@ def grad_sums_cl(t, nt, dyf, xf, yf, A, C, B, P, part, short, relu):
         k = u // nb
         c0 = (u - k * nb) * cb
         c1 = min(C, c0 + cb)
-        cl_chunk_grad_sums(dyf, xf, yf, C, k * rpc, min(A, (k + 1) * rpc), c0, c1, mean[c0:c1], relu, buf,
+        cl_chunk_grad_sums(dyf, xf, yf, CS, k * rpc, min(A, (k + 1) * rpc), c0, c1, mean[c0:c1], relu, buf,
                            part[0, k, c0:c1], part[1, k, c0:c1])
 
 
 @helper
-def grad_sums_owned(t, nt, dyf, xf, yf, A, C, B, P, part, short, relu):
+def grad_sums_owned(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
     """Channels-first, owned channels: whole channels (slab groups) into P[B_SUM_DY], P[B_DOT]."""
     buf = np.empty((3, SLAB_ELEMS))
     G = slab_channels(B)
@@ -64,12 +64,12 @@ def grad_sums_owned(t, nt, dyf, xf, yf, A, C, B, P, part, short, relu):
     for g in range(g0, g1):
         c0 = g * G
         c1 = min(C, c0 + G)
-        cf_group_grad_sums(dyf, xf, yf, A, C, B, c0, c1, P[B_MEAN], relu, buf, P[B_SUM_DY, c0:c1],
+        cf_group_grad_sums(dyf, xf, yf, A, CS, B, c0, c1, P[B_MEAN], relu, buf, P[B_SUM_DY, c0:c1],
                            P[B_DOT, c0:c1], tmp[0], tmp[1], short)
 
 
 @helper
-def grad_sums_split(t, nt, dyf, xf, yf, A, C, B, P, part, short, relu):
+def grad_sums_split(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
     """Channels-first, few channels: (channel, chunk) sums into part[0/1, c, k]."""
     buf = np.empty((3, SLAB_ELEMS))
     rpc = cf_rows_per_chunk(B)
@@ -78,14 +78,14 @@ def grad_sums_split(t, nt, dyf, xf, yf, A, C, B, P, part, short, relu):
     for u in range(u0, u1):
         c = u // K
         k = u - c * K
-        cf_chunk_grad_sums(dyf, xf, yf, C, B, c, c + 1, k * rpc, min(A, (k + 1) * rpc), P[B_MEAN], relu, buf,
+        cf_chunk_grad_sums(dyf, xf, yf, CS, B, c, c + 1, k * rpc, min(A, (k + 1) * rpc), P[B_MEAN], relu, buf,
                            part[0, c, k:k + 1], part[1, c, k:k + 1], short)
 
 
 @helper(inline=True)
-def grad_sums_task(t, nt, dyf, xf, yf, A, C, B, P, part, cl, owned, short, relu):
+def grad_sums_task(t, nt, dyf, xf, yf, A, C, CS, B, P, part, cl, owned, short, relu):
     """The t-th of nt shares of the gradient sums (``cl``, ``owned``, ``short``, ``relu``: literals)."""
-    choose_by_layout(cl, owned, "grad_sums_cl", "grad_sums_owned", "grad_sums_split", (t, nt, dyf, xf, yf, A, C, B, P, part, short, relu))
+    choose_by_layout(cl, owned, "grad_sums_cl", "grad_sums_owned", "grad_sums_split", (t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu))
 
 
 # ---- backward of owned channels: sums, coefficients and dx per slab group, while the group's x and dy
@@ -102,22 +102,22 @@ def _group_coefficients(P, coef, c0, c1, n, gs, frozen):
 
 
 @helper
-def backward_owned_long(t, nt, dyf, xf, yf, dxf, df, A, C, B, P, coef, frozen, relu, write_d, stream):
+def backward_owned_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, frozen, relu, write_d, stream):
     buf = np.empty((3, SLAB_ELEMS))
     gs = np.empty((4, 1))
     zero = np.zeros(1, coef.dtype)[0]
     n = float(A * B)
     c0, c1 = task_range(t, nt, C)
     for c in range(c0, c1):
-        cf_group_grad_sums(dyf, xf, yf, A, C, B, c, c + 1, P[B_MEAN], relu, buf, gs[0], gs[1], gs[2], gs[3], False)
+        cf_group_grad_sums(dyf, xf, yf, A, CS, B, c, c + 1, P[B_MEAN], relu, buf, gs[0], gs[1], gs[2], gs[3], False)
         _group_coefficients(P, coef, c, c + 1, n, gs, frozen)
         for a in range(A):
-            grad_run(dyf, xf, yf, dxf, df, (a * C + c) * B, B, coef[0, c], coef[3, c], coef[1, c], coef[2, c], zero,
+            grad_run(dyf, xf, yf, dxf, df, (a * CS + c) * B, B, coef[0, c], coef[3, c], coef[1, c], coef[2, c], zero,
                      relu, write_d, stream)
 
 
 @helper
-def backward_owned_short(t, nt, dyf, xf, yf, dxf, df, A, C, B, P, coef, frozen, relu, write_d, stream):
+def backward_owned_short(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, frozen, relu, write_d, stream):
     G = slab_channels(B)
     buf = np.empty((3, SLAB_ELEMS))
     gs = np.empty((4, G))
@@ -128,19 +128,19 @@ def backward_owned_short(t, nt, dyf, xf, yf, dxf, df, A, C, B, P, coef, frozen, 
     for g in range(g0, g1):
         c0 = g * G
         c1 = min(C, c0 + G)
-        cf_group_grad_sums(dyf, xf, yf, A, C, B, c0, c1, P[B_MEAN], relu, buf, gs[0], gs[1], gs[2], gs[3], True)
+        cf_group_grad_sums(dyf, xf, yf, A, CS, B, c0, c1, P[B_MEAN], relu, buf, gs[0], gs[1], gs[2], gs[3], True)
         _group_coefficients(P, coef, c0, c1, n, gs, frozen)
         L = (c1 - c0) * B
         expand(coef, c0, c1, B, E)
         for a in range(A):
-            grad_vec(dyf, xf, yf, dxf, df, (a * C + c0) * B, E[0, :L], E[1, :L], E[2, :L], E[3, :L], zero, relu,
+            grad_vec(dyf, xf, yf, dxf, df, (a * CS + c0) * B, E[0, :L], E[1, :L], E[2, :L], E[3, :L], zero, relu,
                      write_d, stream)
 
 
 @helper(inline=True)
-def backward_owned_task(t, nt, dyf, xf, yf, dxf, df, A, C, B, P, coef, frozen, short, relu, write_d, stream):
+def backward_owned_task(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, frozen, short, relu, write_d, stream):
     """The t-th of nt shares (slab groups) of a channels-first backward of owned channels."""
-    choose(short, "backward_owned_short", "backward_owned_long", (t, nt, dyf, xf, yf, dxf, df, A, C, B, P, coef, frozen, relu, write_d, stream))
+    choose(short, "backward_owned_short", "backward_owned_long", (t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, frozen, relu, write_d, stream))
     if stream:
         store_fence()
 
@@ -149,25 +149,26 @@ def backward_owned_task(t, nt, dyf, xf, yf, dxf, df, A, C, B, P, coef, frozen, s
 
 
 @helper
-def grad_apply_cl(t, nt, dyf, xf, yf, dxf, df, A, C, B, coef, short, relu, write_d, stream, reverse):
+def grad_apply_cl(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream, reverse):
     zero = np.zeros(1, coef.dtype)[0]
     if not stream:  # row by row, the coefficient rows as they are
         r0, r1 = task_range(t, nt, A)
-        grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d, reverse)
+        grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, CS, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d, reverse)
         return
-    R = cl_stream_rows(C)  # streaming: slabs of R rows, coefficients tiled (see plan.STREAM_RUN_ELEMS)
+    # streaming: slabs of R rows, coefficients tiled (see plan.STREAM_RUN_ELEMS); single rows in a window
+    R = cl_stream_rows(C) if CS == C else 1
     E = np.empty((4, R * C), coef.dtype)
     tile(coef, C, R, E)
     s0, s1 = task_range(t, nt, n_chunks(A, R))
     for j in range(s1 - s0):
         s = s1 - 1 - j if reverse else s0 + j
         L = (min(A, (s + 1) * R) - s * R) * C
-        grad_vec(dyf, xf, yf, dxf, df, s * R * C, E[0, :L], E[1, :L], E[2, :L], E[3, :L], zero, relu, write_d,
+        grad_vec(dyf, xf, yf, dxf, df, s * R * CS, E[0, :L], E[1, :L], E[2, :L], E[3, :L], zero, relu, write_d,
                  stream)
 
 
 @helper
-def grad_apply_cf_short(t, nt, dyf, xf, yf, dxf, df, A, C, B, coef, relu, write_d, stream, reverse):
+def grad_apply_cf_short(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream, reverse):
     zero = np.zeros(1, coef.dtype)[0]
     G = slab_channels(B)
     E = np.empty((4, G * B), coef.dtype)
@@ -184,12 +185,12 @@ def grad_apply_cf_short(t, nt, dyf, xf, yf, dxf, df, A, C, B, coef, relu, write_
             L = (c1 - c0) * B
             expand(coef, c0, c1, B, E)
             cur = g
-        grad_vec(dyf, xf, yf, dxf, df, (a * C + c0) * B, E[0, :L], E[1, :L], E[2, :L], E[3, :L], zero, relu,
+        grad_vec(dyf, xf, yf, dxf, df, (a * CS + c0) * B, E[0, :L], E[1, :L], E[2, :L], E[3, :L], zero, relu,
                  write_d, stream)
 
 
 @helper
-def grad_apply_cf_long(t, nt, dyf, xf, yf, dxf, df, A, C, B, coef, relu, write_d, stream, reverse):
+def grad_apply_cf_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream, reverse):
     zero = np.zeros(1, coef.dtype)[0]
     i0, i1 = task_range(t, nt, A * C)
     for j in range(i1 - i0):
@@ -200,13 +201,13 @@ def grad_apply_cf_long(t, nt, dyf, xf, yf, dxf, df, A, C, B, coef, relu, write_d
 
 
 @helper
-def grad_apply_cf(t, nt, dyf, xf, yf, dxf, df, A, C, B, coef, short, relu, write_d, stream, reverse):
-    choose(short, "grad_apply_cf_short", "grad_apply_cf_long", (t, nt, dyf, xf, yf, dxf, df, A, C, B, coef, relu, write_d, stream, reverse))
+def grad_apply_cf(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream, reverse):
+    choose(short, "grad_apply_cf_short", "grad_apply_cf_long", (t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream, reverse))
 
 
 @helper(inline=True)
-def grad_apply_task(t, nt, dyf, xf, yf, dxf, df, A, C, B, coef, cl, owned, short, relu, write_d, stream, reverse):
+def grad_apply_task(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, cl, owned, short, relu, write_d, stream, reverse):
     """The t-th of nt shares of a dx pass (``cl``, ``owned``, ``short`` and the flags: literals)."""
-    choose_by_layout(cl, owned, "grad_apply_cl", "grad_apply_cf", "grad_apply_cf", (t, nt, dyf, xf, yf, dxf, df, A, C, B, coef, short, relu, write_d, stream, reverse))
+    choose_by_layout(cl, owned, "grad_apply_cl", "grad_apply_cf", "grad_apply_cf", (t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream, reverse))
     if stream:
         store_fence()

@@ -6,8 +6,9 @@ These are inlined at Numba's IR level into the kernels (entries.py), before the 
 one. ``nth`` is the number of threads to spread the work over (1 for the serial variant); the chunk plan,
 and so every result bit, does not depend on it.
 
-Arrays: xf, rf, yf, dyf, dxf, df are the flat (A * C * B,) views of C-contiguous (A, C, B) arrays of the
-compute dtype. ``P`` holds per-channel float64 rows (fwd.py / bwd.py row constants), ``coef`` the
+Arrays: xf, rf, yf, dyf, dxf, df are flat views of C-contiguous (A, CS, B) arrays of the compute dtype,
+starting at the first channel of a window of C channels (C == CS but for huge channel counts, see
+entries.py): rows are CS * B values apart. ``P`` holds per-channel float64 rows (fwd.py / bwd.py row constants), ``coef`` the
 coefficients in the compute dtype. ``cl``, ``owned``, ``short`` and the flags reach the tasks as compile-time
 literals, so each kernel variant compiles one path.
 
@@ -31,7 +32,7 @@ from fastbn._kernels.reduce import cf_merge_partials, cl_merge_stats, sum_partia
 
 
 @helper(inline=True)
-def stats_core(nth, xf, A, C, B, P, cl, owned, short):
+def stats_core(nth, xf, A, C, CS, B, P, cl, owned, short):
     """P[MEAN], P[M2] of every channel."""
     K = 1
     rpc = 1
@@ -46,7 +47,7 @@ def stats_core(nth, xf, A, C, B, P, cl, owned, short):
         part = np.empty((2, C, K))
     nt = tasks_for(reduction_units(A, C, B, cl, owned), nth)
     for t in prange(nt):
-        fwd.stats_task(np.int64(t), nt, xf, A, C, B, P, part, cl, owned, short)
+        fwd.stats_task(np.int64(t), nt, xf, A, C, CS, B, P, part, cl, owned, short)
     if cl:
         cl_merge_stats(part[0], part[1], A, rpc, P[fwd.MEAN], P[fwd.M2])
     elif not owned:
@@ -55,38 +56,38 @@ def stats_core(nth, xf, A, C, B, P, cl, owned, short):
 
 
 @helper(inline=True)
-def affine_core(nth, xf, rf, yf, A, C, B, coef, cl, owned, short, relu, has_res, stream, reverse):
+def affine_core(nth, xf, rf, yf, A, C, CS, B, coef, cl, owned, short, relu, has_res, stream, reverse):
     """y = act((x - m) * k + t [+ res]) with coef rows (m, k, t)."""
     nt = tasks_for(elementwise_units(A, C, B, cl, owned, short, stream), nth)
     for t in prange(nt):
-        fwd.affine_task(np.int64(t), nt, xf, rf, yf, A, C, B, coef, cl, owned, short, relu, has_res, stream,
+        fwd.affine_task(np.int64(t), nt, xf, rf, yf, A, C, CS, B, coef, cl, owned, short, relu, has_res, stream,
                         reverse)
 
 
 @helper(inline=True)
-def train_owned_core(nth, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, short, relu, has_res, renorm,
+def train_owned_core(nth, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, dmax, short, relu, has_res, renorm,
                      stream):
     """Training forward where threads own whole channels: statistics and output per slab group."""
     nt = tasks_for(n_chunks(C, slab_channels(B)), nth)
     for t in prange(nt):
-        fwd.train_owned_task(np.int64(t), nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, short, relu,
+        fwd.train_owned_task(np.int64(t), nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, dmax, short, relu,
                              has_res, renorm, stream)
 
 
 @helper(inline=True)
-def train_two_pass_core(nth, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, cl, owned, short, relu,
+def train_two_pass_core(nth, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, dmax, cl, owned, short, relu,
                         has_res, renorm, stream):
     """Training forward in two passes (channels-last, few channels-first channels): statistics, then the
     output, walking backwards to start on what the statistics pass left in L3."""
-    stats_core(nth, xf, A, C, B, P, cl, owned, short)
+    stats_core(nth, xf, A, C, CS, B, P, cl, owned, short)
     n = float(A * B)
     for c in range(C):
         fwd.finish_channel(c, n, P[fwd.M2, c], eps, P, renorm, rmin, rmax, dmax, coef)
-    affine_core(nth, xf, rf, yf, A, C, B, coef, cl, owned, short, relu, has_res, stream, opaque(True))
+    affine_core(nth, xf, rf, yf, A, C, CS, B, coef, cl, owned, short, relu, has_res, stream, opaque(True))
 
 
 @helper(inline=True)
-def grad_sums_core(nth, dyf, xf, yf, A, C, B, P, cl, owned, short, relu):
+def grad_sums_core(nth, dyf, xf, yf, A, C, CS, B, P, cl, owned, short, relu):
     """P[B_SUM_DY], P[B_DOT] of every channel from P[B_MEAN]."""
     K = 1
     if cl:
@@ -99,7 +100,7 @@ def grad_sums_core(nth, dyf, xf, yf, A, C, B, P, cl, owned, short, relu):
         part = np.empty((2, C, K))
     nt = tasks_for(reduction_units(A, C, B, cl, owned), nth)
     for t in prange(nt):
-        bwd.grad_sums_task(np.int64(t), nt, dyf, xf, yf, A, C, B, P, part, cl, owned, short, relu)
+        bwd.grad_sums_task(np.int64(t), nt, dyf, xf, yf, A, C, CS, B, P, part, cl, owned, short, relu)
     if cl:
         sum_partials(part[0], P[bwd.B_SUM_DY])
         sum_partials(part[1], P[bwd.B_DOT])
@@ -115,30 +116,30 @@ def grad_sums_core(nth, dyf, xf, yf, A, C, B, P, cl, owned, short, relu):
 
 
 @helper(inline=True)
-def grad_apply_core(nth, dyf, xf, yf, dxf, df, A, C, B, coef, cl, owned, short, relu, write_d, stream, reverse):
+def grad_apply_core(nth, dyf, xf, yf, dxf, df, A, C, CS, B, coef, cl, owned, short, relu, write_d, stream, reverse):
     """dx (and d) from coef rows (m, k_x, k_0, k_dy)."""
     nt = tasks_for(elementwise_units(A, C, B, cl, owned, short, stream), nth)
     for t in prange(nt):
-        bwd.grad_apply_task(np.int64(t), nt, dyf, xf, yf, dxf, df, A, C, B, coef, cl, owned, short, relu, write_d,
+        bwd.grad_apply_task(np.int64(t), nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, cl, owned, short, relu, write_d,
                             stream, reverse)
 
 
 @helper(inline=True)
-def backward_owned_core(nth, dyf, xf, yf, dxf, df, A, C, B, P, coef, frozen, short, relu, write_d, stream):
+def backward_owned_core(nth, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, frozen, short, relu, write_d, stream):
     """Backward where threads own whole channels: sums and dx per slab group."""
     nt = tasks_for(n_chunks(C, slab_channels(B)), nth)
     for t in prange(nt):
-        bwd.backward_owned_task(np.int64(t), nt, dyf, xf, yf, dxf, df, A, C, B, P, coef, frozen, short, relu,
+        bwd.backward_owned_task(np.int64(t), nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, frozen, short, relu,
                                 write_d, stream)
 
 
 @helper(inline=True)
-def backward_two_pass_core(nth, dyf, xf, yf, dxf, df, A, C, B, P, coef, frozen, cl, owned, short, relu, write_d,
+def backward_two_pass_core(nth, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, frozen, cl, owned, short, relu, write_d,
                            stream):
     """Backward in two passes: gradient sums, then dx (walking backwards, see train_two_pass_core)."""
-    grad_sums_core(nth, dyf, xf, yf, A, C, B, P, cl, owned, short, relu)
+    grad_sums_core(nth, dyf, xf, yf, A, C, CS, B, P, cl, owned, short, relu)
     n = float(A * B)
     for c in range(C):
         bwd.grad_coefficients(coef, c, n, P[bwd.B_SUM_DY, c], P[bwd.B_DOT, c], P[bwd.B_MEAN, c],
                               P[bwd.B_INVSTD, c], P[bwd.B_GAMMA, c], frozen)
-    grad_apply_core(nth, dyf, xf, yf, dxf, df, A, C, B, coef, cl, owned, short, relu, write_d, stream, opaque(True))
+    grad_apply_core(nth, dyf, xf, yf, dxf, df, A, C, CS, B, coef, cl, owned, short, relu, write_d, stream, opaque(True))

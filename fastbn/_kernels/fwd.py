@@ -79,7 +79,7 @@ def tile(coef, C, reps, E):
 
 
 @helper
-def stats_task_cl(t, nt, xf, A, C, B, P, part, short):
+def stats_task_cl(t, nt, xf, A, C, CS, B, P, part, short):
     """Channels-last: (row chunk, channel block) partials into part[0/1, k, c]."""
     buf = np.empty((3, SLAB_ELEMS))
     rpc = cl_rows_per_chunk(A, C)
@@ -91,12 +91,12 @@ def stats_task_cl(t, nt, xf, A, C, B, P, part, short):
         k = u // nb
         c0 = (u - k * nb) * cb
         c1 = min(C, c0 + cb)
-        cl_chunk_stats(xf, C, k * rpc, min(A, (k + 1) * rpc), c0, c1, buf, shift[:c1 - c0], part[0, k, c0:c1],
+        cl_chunk_stats(xf, CS, k * rpc, min(A, (k + 1) * rpc), c0, c1, buf, shift[:c1 - c0], part[0, k, c0:c1],
                        part[1, k, c0:c1])
 
 
 @helper
-def stats_task_owned(t, nt, xf, A, C, B, P, part, short):
+def stats_task_owned(t, nt, xf, A, C, CS, B, P, part, short):
     """Channels-first, owned channels: whole channels (slab groups) into P[MEAN], P[M2]."""
     buf = np.empty((3, SLAB_ELEMS))
     G = slab_channels(B)
@@ -105,11 +105,11 @@ def stats_task_owned(t, nt, xf, A, C, B, P, part, short):
     for g in range(g0, g1):
         c0 = g * G
         c1 = min(C, c0 + G)
-        cf_group_stats(xf, A, C, B, c0, c1, buf, P[MEAN, c0:c1], P[M2, c0:c1], tmp[0], tmp[1], short)
+        cf_group_stats(xf, A, CS, B, c0, c1, buf, P[MEAN, c0:c1], P[M2, c0:c1], tmp[0], tmp[1], short)
 
 
 @helper
-def stats_task_split(t, nt, xf, A, C, B, P, part, short):
+def stats_task_split(t, nt, xf, A, C, CS, B, P, part, short):
     """Channels-first, few channels: (channel, chunk) partials into part[0/1, c, k]."""
     buf = np.empty((3, SLAB_ELEMS))
     rpc = cf_rows_per_chunk(B)
@@ -118,14 +118,14 @@ def stats_task_split(t, nt, xf, A, C, B, P, part, short):
     for u in range(u0, u1):
         c = u // K
         k = u - c * K
-        cf_chunk_stats(xf, C, B, c, c + 1, k * rpc, min(A, (k + 1) * rpc), buf, part[0, c, k:k + 1],
+        cf_chunk_stats(xf, CS, B, c, c + 1, k * rpc, min(A, (k + 1) * rpc), buf, part[0, c, k:k + 1],
                        part[1, c, k:k + 1], short)
 
 
 @helper(inline=True)
-def stats_task(t, nt, xf, A, C, B, P, part, cl, owned, short):
+def stats_task(t, nt, xf, A, C, CS, B, P, part, cl, owned, short):
     """The t-th of nt shares of the statistics (``cl``, ``owned``, ``short``: literals, see plan.layout_of)."""
-    choose_by_layout(cl, owned, "stats_task_cl", "stats_task_owned", "stats_task_split", (t, nt, xf, A, C, B, P, part, short))
+    choose_by_layout(cl, owned, "stats_task_cl", "stats_task_owned", "stats_task_split", (t, nt, xf, A, C, CS, B, P, part, short))
 
 
 # ---- training forward of owned channels: statistics, coefficients and output per slab group, while the
@@ -140,7 +140,7 @@ def _finish_group(P, coef, c0, c1, n, gst, eps, rmin, rmax, dmax, renorm):
 
 
 @helper
-def train_owned_long(t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm,
+def train_owned_long(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm,
                      stream):
     buf = np.empty((3, SLAB_ELEMS))
     gst = np.empty((4, 1))
@@ -148,17 +148,17 @@ def train_owned_long(t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax,
     n = float(A * B)
     c0, c1 = task_range(t, nt, C)
     for c in range(c0, c1):
-        cf_group_stats(xf, A, C, B, c, c + 1, buf, gst[0], gst[1], gst[2], gst[3], False)
+        cf_group_stats(xf, A, CS, B, c, c + 1, buf, gst[0], gst[1], gst[2], gst[3], False)
         _finish_group(P, coef, c, c + 1, n, gst, eps, rmin, rmax, dmax, renorm)
         m = coef[0, c]
         k = coef[1, c]
         tt = coef[2, c]
         for a in range(A):
-            act_run(xf, rf, yf, (a * C + c) * B, B, m, k, tt, zero, relu, has_res, stream)
+            act_run(xf, rf, yf, (a * CS + c) * B, B, m, k, tt, zero, relu, has_res, stream)
 
 
 @helper
-def train_owned_short(t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm,
+def train_owned_short(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm,
                       stream):
     G = slab_channels(B)
     buf = np.empty((3, SLAB_ELEMS))
@@ -170,19 +170,19 @@ def train_owned_short(t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax
     for g in range(g0, g1):
         c0 = g * G
         c1 = min(C, c0 + G)
-        cf_group_stats(xf, A, C, B, c0, c1, buf, gst[0], gst[1], gst[2], gst[3], True)
+        cf_group_stats(xf, A, CS, B, c0, c1, buf, gst[0], gst[1], gst[2], gst[3], True)
         _finish_group(P, coef, c0, c1, n, gst, eps, rmin, rmax, dmax, renorm)
         L = (c1 - c0) * B
         expand(coef, c0, c1, B, E)
         for a in range(A):
-            act_vec(xf, rf, yf, (a * C + c0) * B, E[0, :L], E[1, :L], E[2, :L], zero, relu, has_res, stream)
+            act_vec(xf, rf, yf, (a * CS + c0) * B, E[0, :L], E[1, :L], E[2, :L], zero, relu, has_res, stream)
 
 
 @helper(inline=True)
-def train_owned_task(t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, short, relu, has_res, renorm,
+def train_owned_task(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, dmax, short, relu, has_res, renorm,
                      stream):
     """The t-th of nt shares (slab groups) of a channels-first training forward of owned channels."""
-    choose(short, "train_owned_short", "train_owned_long", (t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm, stream))
+    choose(short, "train_owned_short", "train_owned_long", (t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm, stream))
     if stream:
         store_fence()
 
@@ -193,24 +193,25 @@ def train_owned_task(t, nt, xf, rf, yf, A, C, B, P, coef, eps, rmin, rmax, dmax,
 
 
 @helper
-def affine_cl(t, nt, xf, rf, yf, A, C, B, coef, short, relu, has_res, stream, reverse):
+def affine_cl(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream, reverse):
     zero = np.zeros(1, coef.dtype)[0]
     if not stream:  # row by row, the coefficient rows as they are
         r0, r1 = task_range(t, nt, A)
-        act_rows(xf, rf, yf, r0, r1, C, coef[0], coef[1], coef[2], zero, relu, has_res, reverse)
+        act_rows(xf, rf, yf, r0, r1, C, CS, coef[0], coef[1], coef[2], zero, relu, has_res, reverse)
         return
-    R = cl_stream_rows(C)  # streaming: slabs of R rows, coefficients tiled (see plan.STREAM_RUN_ELEMS)
+    # streaming: slabs of R rows, coefficients tiled (see plan.STREAM_RUN_ELEMS); single rows in a window
+    R = cl_stream_rows(C) if CS == C else 1
     E = np.empty((3, R * C), coef.dtype)
     tile(coef, C, R, E)
     s0, s1 = task_range(t, nt, n_chunks(A, R))
     for j in range(s1 - s0):
         s = s1 - 1 - j if reverse else s0 + j
         L = (min(A, (s + 1) * R) - s * R) * C
-        act_vec(xf, rf, yf, s * R * C, E[0, :L], E[1, :L], E[2, :L], zero, relu, has_res, stream)
+        act_vec(xf, rf, yf, s * R * CS, E[0, :L], E[1, :L], E[2, :L], zero, relu, has_res, stream)
 
 
 @helper
-def affine_cf_short(t, nt, xf, rf, yf, A, C, B, coef, relu, has_res, stream, reverse):
+def affine_cf_short(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream, reverse):
     zero = np.zeros(1, coef.dtype)[0]
     G = slab_channels(B)
     E = np.empty((3, G * B), coef.dtype)
@@ -227,11 +228,11 @@ def affine_cf_short(t, nt, xf, rf, yf, A, C, B, coef, relu, has_res, stream, rev
             L = (c1 - c0) * B
             expand(coef, c0, c1, B, E)
             cur = g
-        act_vec(xf, rf, yf, (a * C + c0) * B, E[0, :L], E[1, :L], E[2, :L], zero, relu, has_res, stream)
+        act_vec(xf, rf, yf, (a * CS + c0) * B, E[0, :L], E[1, :L], E[2, :L], zero, relu, has_res, stream)
 
 
 @helper
-def affine_cf_long(t, nt, xf, rf, yf, A, C, B, coef, relu, has_res, stream, reverse):
+def affine_cf_long(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream, reverse):
     zero = np.zeros(1, coef.dtype)[0]
     i0, i1 = task_range(t, nt, A * C)
     for j in range(i1 - i0):
@@ -241,13 +242,13 @@ def affine_cf_long(t, nt, xf, rf, yf, A, C, B, coef, relu, has_res, stream, reve
 
 
 @helper
-def affine_cf(t, nt, xf, rf, yf, A, C, B, coef, short, relu, has_res, stream, reverse):
-    choose(short, "affine_cf_short", "affine_cf_long", (t, nt, xf, rf, yf, A, C, B, coef, relu, has_res, stream, reverse))
+def affine_cf(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream, reverse):
+    choose(short, "affine_cf_short", "affine_cf_long", (t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream, reverse))
 
 
 @helper(inline=True)
-def affine_task(t, nt, xf, rf, yf, A, C, B, coef, cl, owned, short, relu, has_res, stream, reverse):
+def affine_task(t, nt, xf, rf, yf, A, C, CS, B, coef, cl, owned, short, relu, has_res, stream, reverse):
     """The t-th of nt shares of a normalize pass (``cl``, ``owned``, ``short``: literals)."""
-    choose_by_layout(cl, owned, "affine_cl", "affine_cf", "affine_cf", (t, nt, xf, rf, yf, A, C, B, coef, short, relu, has_res, stream, reverse))
+    choose_by_layout(cl, owned, "affine_cl", "affine_cf", "affine_cf", (t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream, reverse))
     if stream:
         store_fence()

@@ -54,6 +54,18 @@ CL_MAX_ROW_CHUNKS = 64
 CL_MAX_PARTIALS = 1 << 20
 
 
+# Channels per kernel call: wider inputs are processed in windows of this many channels, so a call's
+# temporaries (per-channel float64 rows, coefficients, chunk partials: ~150 bytes a channel) are bounded.
+CHANNEL_WINDOW = 1 << 15
+
+
+def channel_windows(C: int) -> list:
+    """The (c0, c1) windows a call over C channels is cut into (Python side)."""
+    if C <= CHANNEL_WINDOW:
+        return [(0, C)]
+    return [(c0, min(C, c0 + CHANNEL_WINDOW)) for c0 in range(0, C, CHANNEL_WINDOW)]
+
+
 def layout_of(A: int, C: int, B: int) -> tuple[bool, bool, bool]:
     """(channels-last, channels-first owned, short rows) of an (A, C, B) shape, in Python: the kernels'
     compile-time flags CL, OWNED, SHORT, so that each variant compiles one path."""

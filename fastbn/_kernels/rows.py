@@ -138,15 +138,16 @@ def act_vec(xf, rf, yf, s, M, K, T, zero, relu, has_res, stream):
 
 
 @helper
-def act_rows(xf, rf, yf, r0, r1, C, M, K, T, zero, relu, has_res, reverse):
+def act_rows(xf, rf, yf, r0, r1, C, CS, M, K, T, zero, relu, has_res, reverse):
     """Channels-last rows r0..r1 (of C values) of y = act((x - M) * K + T [+ res]), M, K, T per channel,
     in one call (a call per row of 64 values cost ~5 ns a row, a quarter of the pass); ``reverse`` walks
-    the rows backwards. Ordinary stores (streaming passes use act_vec over slabs)."""
+    the rows backwards. Rows are CS values apart (C == CS unless a channel window, see entries.py).
+    Ordinary stores (streaming passes use act_vec over slabs)."""
     for j in range(r1 - r0):
         r = r1 - 1 - j if reverse else r0 + j
-        x = xf[r * C:(r + 1) * C]
-        rr = rf[r * C:(r + 1) * C]
-        y = yf[r * C:(r + 1) * C]
+        x = xf[r * CS:r * CS + C]
+        rr = rf[r * CS:r * CS + C]
+        y = yf[r * CS:r * CS + C]
         for c in range(C):
             y[c] = act(x[c], rr[c], M[c], K[c], T[c], zero, relu, has_res)
 
@@ -243,15 +244,15 @@ def grad_vec(dyf, xf, yf, dxf, df, s, M, KX, K0, KDY, zero, relu, write_d, strea
 
 
 @helper
-def grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, M, KX, K0, KDY, zero, relu, write_d, reverse):
+def grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, CS, M, KX, K0, KDY, zero, relu, write_d, reverse):
     """Channels-last rows r0..r1 of grad_vec in one call (see act_rows)."""
     for j in range(r1 - r0):
         r = r1 - 1 - j if reverse else r0 + j
-        dy = dyf[r * C:(r + 1) * C]
-        x = xf[r * C:(r + 1) * C]
-        y = yf[r * C:(r + 1) * C]
-        dx = dxf[r * C:(r + 1) * C]
-        d = df[r * C:(r + 1) * C]
+        dy = dyf[r * CS:r * CS + C]
+        x = xf[r * CS:r * CS + C]
+        y = yf[r * CS:r * CS + C]
+        dx = dxf[r * CS:r * CS + C]
+        d = df[r * CS:r * CS + C]
         for c in range(C):
             g = masked(dy[c], y[c], zero, relu)
             u = g * KDY[c] + (x[c] - M[c]) * KX[c] + K0[c]
