@@ -57,3 +57,6 @@ def test_readme_block_runs(index, workdir):
     env = dict(os.environ, MPLBACKEND="Agg")
     r = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, f"README block {index} failed:\n{code}\n--- stderr ---\n{r.stderr[-3000:]}"
+    # what a user running the example would see (Python's default warning filters)
+    warned = re.findall(r"\w*(?:DeprecationWarning|FutureWarning): .*", r.stderr)
+    assert not warned, f"README block {index} printed deprecation warnings:\n{code}\n" + "\n".join(warned)
