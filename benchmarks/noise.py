@@ -66,13 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", args.commit], check=True, capture_output=True,
                             text=True).stdout.strip()
     subprocess.run(["asv", "machine", "--yes"], check=True, stdout=subprocess.DEVNULL)
+    # asv drops PYTHONPATH in the benchmark processes; ASV_PYTHONPATH puts this working tree's fastbn
+    # first, whichever fastbn the environment has installed
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [root, os.environ.get("ASV_PYTHONPATH")]
+    env = dict(os.environ, ASV_PYTHONPATH=os.pathsep.join(p for p in paths if p))
     runs: list[dict[str, float]] = []
     for i in range(args.runs):
         cmd = ["asv", "run", "--python=same", "--set-commit-hash", commit]
         if args.bench:
             cmd += ["--bench", args.bench]
         print(f"== run {i + 1}/{args.runs}: {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=env)
         runs.append(_values(_results_file(commit)))
 
     keys = sorted(set.intersection(*(set(r) for r in runs)))
