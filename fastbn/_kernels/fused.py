@@ -78,7 +78,7 @@ def apply_act(x, res, y, mean, scale, shift, relu, has_res):
 
 @kernel
 def backward_act(dy, x, y, dx, dres, mean, invstd, gamma, relu, write_dres, frozen, dgamma, dbeta):
-    """Backward of (BN [+ residual] [-> ReLU]) with the ReLU mask applied inside the passes.
+    """Backward of ``BN [+ residual] [-> ReLU]`` with the ReLU mask applied inside the passes.
 
     dy, x, y (the forward's output, read only when ``relu``), dx, dres: (A, C, B) of one dtype; mean,
     invstd, gamma: float64 (C,) inputs; dgamma, dbeta: float64 (C,) outputs. With g = dy * (y > 0):
