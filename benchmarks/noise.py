@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 
+QUOTE = "'"  # asv stores string parameters repr()-quoted
 
 def _results_file(commit: str) -> str:
     files = glob.glob(os.path.join(".asv", "results", "*", f"{commit[:8]}-existing-*.json"))
@@ -46,7 +47,7 @@ def _values(path: str) -> dict[str, float]:
         combos = list(itertools.product(*params)) if params else [()]
         for combo, v in zip(combos, values):
             if v is not None and math.isfinite(v) and v > 0:
-                key = name + (f"[{', '.join(p.strip(chr(39)) for p in combo)}]" if combo else "")
+                key = name + (f"[{', '.join(p.strip(QUOTE) for p in combo)}]" if combo else "")
                 out[key] = float(v)
     return out
 

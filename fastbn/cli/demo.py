@@ -14,13 +14,15 @@ def _shape(text: str) -> tuple:
     try:
         shape = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers N,C[,H,W...], got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers N,C[,H,W...], got {text!r}"
+                                         ) from None
     if len(shape) < 2:
         raise argparse.ArgumentTypeError(f"expected at least N,C (two sizes), got {text!r}")
     if min(shape) < 1:
         raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
     if math.prod(shape) // shape[1] < 2:  # N * H * W values per channel
-        raise argparse.ArgumentTypeError(f"training needs more than 1 value per channel (N x H x W >= 2), got {text!r}")
+        raise argparse.ArgumentTypeError("training needs more than 1 value per channel (N x H x W >= 2), "
+                                         f"got {text!r}")
     return shape
 
 
