@@ -28,8 +28,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
-OPTIONAL = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "mpi4py": "mpi4py",
-            "matplotlib": "matplotlib"}
+OPTIONAL = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript",
+            "mpi4py": "mpi4py", "matplotlib": "matplotlib"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.S | re.M)
 
 
@@ -47,6 +47,8 @@ def _missing(code: str) -> list[str]:
     need = {m for m in OPTIONAL if re.search(rf"\b(import|from) {m}\b|fastbn\.{m}\b", code)}
     if "fastbn.onnx" in code or "fastbn fold" in code:
         need |= {"onnx", "onnxruntime"}
+    if re.search(r"[\"'\s](?!fastbn\.)\w+\.onnx\b", code):  # an ONNX file: the docs' come from torch's exporter
+        need |= {"torch", "onnx", "onnxscript"}
     return sorted(m for m in need if importlib.util.find_spec(m) is None)
 
 
