@@ -90,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     for k in order[:args.top]:
         vals = "  ".join(f"{r[k]:.4g}" for r in runs)
         print(f"  {ratios[k]:6.2f}  {k}   ({vals})")
+    by_bench: dict[str, list[float]] = {}
+    for k, v in ratios.items():
+        by_bench.setdefault(k.split("[")[0], []).append(v)
+    print("\nper benchmark (over its parameter combinations): median and largest ratio")
+    for name, vals in sorted(by_bench.items()):
+        vals.sort()
+        print(f"  {vals[len(vals) // 2]:6.2f} {vals[-1]:8.2f}  {name}")
     ordered = sorted(ratios.values())
     worst = ordered[-1]
     p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
