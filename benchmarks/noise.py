@@ -6,12 +6,12 @@ working tree, no build), keeps each run's result per benchmark and parameter com
 for each the ratio max / min of the values over the runs, worst first, then the largest ratio overall
 and the factor it suggests (rounded up to 0.05)::
 
-    python benchmarks/noise.py --runs 3                          # every benchmark, ~15-20 min per run
+    python benchmarks/noise.py --runs 3                          # every benchmark, 9-12 min per run here
     python benchmarks/noise.py --runs 5 --bench "InferForward"   # one suite
-    asv continuous --factor 1.3 main HEAD                         # then use the suggested factor
+    asv continuous --factor F main HEAD                           # F: the suggested factor
 
 ``--json FILE`` writes every value. Run it on the machine and at the load that ``asv continuous``
-will see: a busy machine gives a larger factor. (asv imports every module of ``benchmarks/`` to find
+will see: a busy machine gives a larger factor (docs/guides/asv.md has the numbers measured here). (asv imports every module of ``benchmarks/`` to find
 benchmarks, so this one imports asv only inside ``main``, and defines no ``time_``/``track_`` names.)
 """
 from __future__ import annotations
