@@ -11,8 +11,9 @@ and the factor it suggests (rounded up to 0.05)::
     asv continuous --factor F main HEAD                           # F: the suggested factor
 
 ``--json FILE`` writes every value. Run it on the machine and at the load that ``asv continuous``
-will see: a busy machine gives a larger factor (docs/guides/asv.md has the numbers measured here). (asv imports every module of ``benchmarks/`` to find
-benchmarks, so this one imports asv only inside ``main``, and defines no ``time_``/``track_`` names.)
+will see: a busy machine gives a larger factor (docs/guides/asv.md has the numbers measured here).
+(asv imports every module of ``benchmarks/`` to find benchmarks, so this one imports asv only inside
+``main``, and defines no ``time_``/``track_`` names.)
 """
 from __future__ import annotations
 
