@@ -29,3 +29,18 @@ def threads():
 
 def cases_for(kernel):
     return [pytest.param(c, id=c.id) for c in test_cases() if c.kernel == kernel]
+
+
+# pytest-benchmark: the normal test run calls each benchmark once, untimed (a smoke test of its output).
+# Timing is on only when asked for, with any option that needs timings. This replaces
+# ``--benchmark-disable`` in pyproject's addopts, which made ``--benchmark-only`` (and autosave/compare)
+# fail with "Can't have both --benchmark-only and --benchmark-disable options".
+_TIMING_OPTIONS = ("benchmark_only", "benchmark_enable", "benchmark_autosave", "benchmark_save",
+                   "benchmark_compare", "benchmark_compare_fail", "benchmark_json", "benchmark_histogram")
+
+
+def pytest_configure(config):
+    if not hasattr(config.option, "benchmark_disable"):  # pytest-benchmark not installed
+        return
+    if not any(getattr(config.option, name, None) for name in _TIMING_OPTIONS):
+        config.option.benchmark_disable = True

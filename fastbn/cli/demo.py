@@ -3,15 +3,44 @@ checked against a float64 NumPy reference, with timings."""
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
 
 
+def _shape(text: str) -> tuple:
+    """``--shape``: comma-separated positive integers N,C[,spatial...] with more than one value per channel."""
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers N,C[,H,W...], got {text!r}"
+                                         ) from None
+    if len(shape) < 2:
+        raise argparse.ArgumentTypeError(f"expected at least N,C (two sizes), got {text!r}")
+    if min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    if math.prod(shape) // shape[1] < 2:  # N * H * W values per channel
+        raise argparse.ArgumentTypeError("training needs more than 1 value per channel (N x H x W >= 2), "
+                                         f"got {text!r}")
+    return shape
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shape", default="32,64,28,28", help="N,C,H,W of the sample batch (default 32,64,28,28)")
+    p.add_argument("--shape", type=_shape, default=(32, 64, 28, 28),
+                   help="N,C,H,W of the sample batch (default 32,64,28,28; any number of spatial sizes)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--repeat", type=int, default=20, help="timed repeats per kernel (median reported)")
+    p.add_argument("--repeat", type=_positive_int, default=20, help="timed repeats per kernel (median reported)")
 
 
 def _reference(x, dy, axis):
@@ -43,9 +72,7 @@ def run(args) -> int:
 
     import fastbn
 
-    shape = tuple(int(s) for s in args.shape.split(","))
-    if len(shape) < 2:
-        raise SystemExit("--shape needs at least N,C")
+    shape = args.shape
     rng = np.random.default_rng(0)
     x_nchw = rng.normal(3.0, 2.0, shape).astype(args.dtype)
     dy_nchw = rng.normal(size=shape).astype(args.dtype)

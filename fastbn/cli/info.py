@@ -17,9 +17,10 @@ def collect() -> dict:
     import fastbn
     from fastbn import kernels
 
-    # the threading layer is chosen when the first parallel region runs
-    x = np.zeros((2, 2, 2))
-    kernels.infer_forward(x, np.zeros(2), np.ones(2), np.ones(2), np.zeros(2), 1e-5, x)
+    # Numba picks the threading layer when it starts its thread pool, which get_num_threads() does
+    # (numba/np/ufunc/parallel.py: _launch_threads loads the layer's library); that compiles nothing
+    # (running a parallel kernel here used to compile one: 3.6 s with an empty cache).
+    num_threads = numba.get_num_threads()
     try:
         layer = numba.threading_layer()
     except ValueError:
@@ -33,7 +34,7 @@ def collect() -> dict:
         "numpy": np.__version__,
         "threading_layer": layer,
         "threading_layer_requested": numba.config.THREADING_LAYER,
-        "num_threads": numba.get_num_threads(),
+        "num_threads": num_threads,
         "NUMBA_NUM_THREADS": numba.config.NUMBA_NUM_THREADS,
         "cpu": llvm.get_host_cpu_name(),
         "cpu_features": [f for f in wanted if feats.get(f, False)],

@@ -38,7 +38,14 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        try:
+            module = importlib.import_module(_EXPORTS[name])
+        except ModuleNotFoundError as exc:
+            if exc.name != "torch" and not (exc.name or "").startswith("torch."):
+                raise
+            raise ModuleNotFoundError(f"fastbn.torch.{name} needs PyTorch, an optional extra: "
+                                      f'pip install "fastbn[torch]"', name=exc.name) from exc
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'fastbn.torch' has no attribute {name!r}")
