@@ -16,6 +16,7 @@ COMMANDS = {
     "info": ("fastbn.cli.info", "report Numba version, threading layer, threads, CPU features, cache dir"),
     "bench": ("fastbn.cli.bench", "benchmark the kernels against PyTorch and a memory-bandwidth roofline"),
     "fold": ("fastbn.cli.fold", "fold BatchNormalization nodes of an ONNX model into neighbouring layers"),
+    "warmup": ("fastbn.cli.warmup", "compile every kernel variant into the on-disk cache (for read-only images)"),
 }
 
 
