@@ -48,14 +48,75 @@ track_import_fastbn_over_numba.unit = "ratio"
 track_import_fastbn_over_numba.timeout = 300
 
 
+# JIT cost: CPU seconds in fresh interpreters with every cache empty (a copy of the package without its
+# __pycache__, an empty NUMBA_CACHE_DIR and HOME), median of 3 (the measure of issue 12's targets).
+_JIT_RUNS = 3
+_FIRST_CALLS = (
+    "import time; t0 = time.process_time()\n"
+    "import numpy as np, fastbn\n"
+    "x = np.random.default_rng(0).normal(3.0, 2.0, (32, 64, 28, 28)).astype(np.float32)\n"
+    "y, m, s = fastbn.batch_norm_train(x)\n"
+    "fastbn.batch_norm_backward(np.ones_like(x), x, m, s)\n"
+    "fastbn.batch_norm_infer(x, m, 1.0 / s**2 - 1e-5)\n"
+    "t1 = time.process_time()\n"
+    "bn = fastbn.BatchNorm(64)\n"
+    "bn(x); bn.backward(np.ones_like(x)); bn.eval(); bn(x)\n"
+    "print(t1 - t0, time.process_time() - t1)\n"
+)
+
+
+def _cold_cpu_s() -> tuple[float, float]:
+    import os
+    import pathlib
+    import shutil
+    import tempfile
+
+    import fastbn
+
+    with tempfile.TemporaryDirectory() as d:
+        site = pathlib.Path(d) / "site"
+        shutil.copytree(pathlib.Path(fastbn.__file__).parent, site / "fastbn",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
+        env.update(PYTHONPATH=str(site), HOME=d, TMPDIR=d, XDG_CACHE_HOME=d, NUMBA_CACHE_DIR=str(pathlib.Path(d) / "c"))
+        out = subprocess.run([sys.executable, "-c", _FIRST_CALLS], env=env, cwd=d, check=True,
+                             capture_output=True, text=True).stdout
+    first, layer = (float(v) for v in out.split()[-2:])
+    return first, layer
+
+
+def track_jit_cold_train_backward_infer_cpu():
+    """CPU s of import + the first float32 training forward, backward and inference on a (32, 64, 28, 28)
+    batch with every cache empty (target: at most 5 s), median of 3 fresh interpreters."""
+    return statistics.median(_cold_cpu_s()[0] for _ in range(_JIT_RUNS))
+
+
+track_jit_cold_train_backward_infer_cpu.unit = "s"
+track_jit_cold_train_backward_infer_cpu.timeout = 900
+
+
+def track_jit_layer_after_functional_cpu():
+    """CPU s of the layer's first training forward, backward and eval forward right after the functional
+    API's (they share compiled kernels: expected ~0), median of 3 fresh interpreters."""
+    return statistics.median(_cold_cpu_s()[1] for _ in range(_JIT_RUNS))
+
+
+track_jit_layer_after_functional_cpu.unit = "s"
+track_jit_layer_after_functional_cpu.timeout = 900
+
+
 def timeraw_first_call_cold_compile():
-    """Import + first training forward with an empty Numba cache: compiles the float32 serial kernel."""
+    """Import + first training forward of a small input (the serial variant) with every cache empty."""
     return (
         "import numpy as np, fastbn\n"
         "fastbn.batch_norm_train(np.ones((4, 8, 16), np.float32))\n"
     ), (
-        "import os, tempfile\n"
-        "os.environ['NUMBA_CACHE_DIR'] = tempfile.mkdtemp()\n"
+        "import os, pathlib, shutil, sys, tempfile, fastbn\n"
+        "d = tempfile.mkdtemp()\n"
+        "shutil.copytree(pathlib.Path(fastbn.__file__).parent, pathlib.Path(d) / 'fastbn',\n"
+        "                ignore=shutil.ignore_patterns('__pycache__'))\n"
+        "sys.modules.pop('fastbn'); sys.path.insert(0, d)\n"
+        "os.environ['NUMBA_CACHE_DIR'] = tempfile.mkdtemp(); os.environ['HOME'] = d\n"
     )
 
 
