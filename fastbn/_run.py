@@ -3,7 +3,8 @@ fused flags), the thread count, and allocate the per-channel outputs.
 
 Every public function (functional, fused, layer, synchronized BN, precise statistics, the PyTorch
 modules) goes through here with validated (A, C, B) views, so they all share the same compiled variants:
-using the layer after the functional API compiles nothing more.
+using the layer after the functional API compiles nothing more. float16 and bfloat16 data reach the
+kernels as the integer arrays of their bits (``_bits``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,21 @@ def _layout(shape: tuple) -> tuple:
     return layout_of(A, min(C, CHANNEL_WINDOW), B)
 
 _NO_CLIP = np.array([0.0, np.inf, np.inf])
+_F16 = np.dtype(np.float16)
+_BITS = (np.dtype(np.uint16), np.dtype(np.int16))
+
+
+def _bits(a: np.ndarray | None) -> np.ndarray | None:
+    """A 2-byte float array as the integer array of its bits, which the kernels read as that format
+    (``fastbn/_kernels/half.py``): float16 as uint16, bfloat16 (``ml_dtypes``) as int16. int16/uint16
+    arrays are already bits (the PyTorch drop-in passes bfloat16 tensors as int16 views)."""
+    if a is None or a.dtype in _BITS:
+        return a
+    if a.dtype == _F16:
+        return a.view(np.uint16)
+    if a.dtype.name == "bfloat16":
+        return a.view(np.int16)
+    raise TypeError(f"fastbn: no kernel for dtype {a.dtype}")
 
 
 def train(x3: np.ndarray, r3: np.ndarray | None, y3: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float,
@@ -30,6 +46,8 @@ def train(x3: np.ndarray, r3: np.ndarray | None, y3: np.ndarray, g: np.ndarray, 
     """Training forward; returns float64 (5, C) rows mean, var (biased), invstd, r, d.
 
     ``r3``: residual or None; ``renorm``: None or (rn_mean, rn_std, clip) float64 arrays."""
+    if x3.itemsize == 2:
+        x3, r3, y3 = _bits(x3), _bits(r3), _bits(y3)
     stream = streams(*x3.shape, y3.nbytes)
     has_res = r3 is not None
     if renorm is None:
@@ -48,6 +66,8 @@ def train(x3: np.ndarray, r3: np.ndarray | None, y3: np.ndarray, g: np.ndarray, 
 def normalize(x3: np.ndarray, r3: np.ndarray | None, y3: np.ndarray, mean: np.ndarray, a: np.ndarray,
               b: np.ndarray, shift: np.ndarray, eps: float, from_var: bool, relu: bool = False) -> None:
     """y = act((x - mean) * k + shift [+ res]), k = a / sqrt(b + eps) if ``from_var`` else a."""
+    if x3.itemsize == 2:
+        x3, r3, y3 = _bits(x3), _bits(r3), _bits(y3)
     has_res = r3 is not None
     flags = _layout(x3.shape) + (relu, has_res, streams(*x3.shape, y3.nbytes))
     for c0, c1 in channel_windows(x3.shape[1]):
@@ -59,6 +79,8 @@ def backward(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.nda
              mean: np.ndarray, invstd: np.ndarray, g: np.ndarray, frozen: bool) -> np.ndarray:
     """Backward (ReLU mask when ``y3`` is given; residual gradient into ``dr3`` when given); returns
     float64 (2, C) rows dgamma, dbeta."""
+    if x3.itemsize == 2:
+        dy3, x3, y3, dx3, dr3 = _bits(dy3), _bits(x3), _bits(y3), _bits(dx3), _bits(dr3)
     relu = y3 is not None
     write_d = dr3 is not None
     out = np.empty((2, x3.shape[1]))
@@ -71,6 +93,8 @@ def backward(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.nda
 
 def stats(x3: np.ndarray) -> np.ndarray:
     """float64 (2, C) rows mean, M2 (count A * B)."""
+    if x3.itemsize == 2:
+        x3 = _bits(x3)
     out = np.empty((2, x3.shape[1]))
     for c0, c1 in channel_windows(x3.shape[1]):
         call(entries.stats, _layout(x3.shape), x3.size, x3, out, c0, c1)
@@ -79,6 +103,8 @@ def stats(x3: np.ndarray) -> np.ndarray:
 
 def grad_sums(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, mean: np.ndarray) -> np.ndarray:
     """float64 (2, C) rows sum(g), sum(g * (x - mean)); g masked by y > 0 when ``y3`` is given."""
+    if x3.itemsize == 2:
+        dy3, x3, y3 = _bits(dy3), _bits(x3), _bits(y3)
     relu = y3 is not None
     out = np.empty((2, x3.shape[1]))
     for c0, c1 in channel_windows(x3.shape[1]):
@@ -90,6 +116,8 @@ def grad_sums(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, mean: np.n
 def input_grad(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.ndarray,
                dr3: np.ndarray | None, coefs: np.ndarray) -> None:
     """dx from merged sums: coefs float64 (4, C) rows mean, k_dy, k_x, k_0."""
+    if x3.itemsize == 2:
+        dy3, x3, y3, dx3, dr3 = _bits(dy3), _bits(x3), _bits(y3), _bits(dx3), _bits(dr3)
     relu = y3 is not None
     write_d = dr3 is not None
     flags = _layout(x3.shape) + (relu, write_d, streams(*x3.shape, dx3.nbytes))

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+_F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _KERNEL_DTYPES = (_F32, _F64)
+_DTYPES_WANTED = "float32, float64, float16 or bfloat16"
 _CONSTANTS: dict = {}
 
 
@@ -34,9 +36,19 @@ def _constant_vector(C: int, value: float) -> np.ndarray:
 # ~1.5 us kernel, and isinstance against numbers.Real (an ABC) costs ~0.3 us a call.
 
 
+def is_bfloat16(dt: np.dtype) -> bool:
+    """Whether ``dt`` is ``ml_dtypes.bfloat16`` (told by its name: fastbn does not import ml_dtypes)."""
+    return dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16"
+
+
+def is_half(dt: np.dtype) -> bool:
+    """float16 or bfloat16: stored in 2 bytes, computed in float32 (see ``fastbn/_kernels/half.py``)."""
+    return dt == _F16 or is_bfloat16(dt)
+
+
 def as_input(x, name: str) -> np.ndarray:
-    """An x-like input: a float32/float64 ndarray with at least 2 dims (an ndarray subclass such as
-    np.matrix or np.memmap is viewed as a plain ndarray, without a copy)."""
+    """An x-like input: a float32/float64/float16/bfloat16 ndarray with at least 2 dims (an ndarray
+    subclass such as np.matrix or np.memmap is viewed as a plain ndarray, without a copy)."""
     if type(x) is np.ndarray and (x.dtype is _F32 or x.dtype is _F64) and x.ndim >= 2:
         return x
     if not isinstance(x, np.ndarray) and (np.isscalar(x) or x is None):
@@ -44,11 +56,11 @@ def as_input(x, name: str) -> np.ndarray:
                         f"got {type(x).__name__}")
     x = np.asarray(x)
     dt = x.dtype
-    if dt not in _KERNEL_DTYPES:
-        if dt.kind == "f" and dt.itemsize in (4, 8):  # non-native byte order
+    if dt not in _KERNEL_DTYPES and not is_half(dt):
+        if dt.kind == "f" and dt.itemsize in (2, 4, 8):  # non-native byte order
             x = x.astype(dt.newbyteorder("="))
         else:
-            raise TypeError(f"{name} must have dtype float32 or float64, got {dt}")
+            raise TypeError(f"{name} must have dtype {_DTYPES_WANTED}, got {dt}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (batch, channels, ...), got shape {x.shape}")
     return x
@@ -221,7 +233,9 @@ class _Alias:
 
 def _writable_alias(arr: np.ndarray) -> np.ndarray:
     """A writable view of a read-only array's memory (the result keeps ``arr`` alive)."""
-    return np.asarray(_Alias(arr))
+    out = np.asarray(_Alias(arr))
+    # the array interface describes a user dtype (ml_dtypes' bfloat16) as plain bytes ('<V2')
+    return out if out.dtype == arr.dtype else out.view(arr.dtype)
 
 
 @dataclass(slots=True)

@@ -106,15 +106,18 @@ def _bound_runners(case: Case, inp: dict, with_torch: bool) -> tuple[dict, dict]
     """({name: the one-pass read+write of the case's bytes}, {name: the extra reads its layout forces})."""
     from fastbn._kernels.roofline import stream_add, stream_copy, stream_read
 
-    x = inp["x"].reshape(-1)
-    dst = inp["out"].reshape(-1)
+    def flat(a):  # 2-byte floats as int16: the same bytes, in a dtype Numba and torch both take
+        return a.reshape(-1).view(np.int16) if case.half else a.reshape(-1)
+
+    x = flat(inp["x"])
+    dst = flat(inp["out"])
     partial = np.empty(1024)
     if case.kernel == "backward":
-        dy = inp["dy"].reshape(-1)
+        dy = flat(inp["dy"])
         write = {"copy": lambda: stream_add(x, dy, dst, False), "copy_nt": lambda: stream_add(x, dy, dst, True)}
     else:
         write = {"copy": lambda: stream_copy(x, dst, False), "copy_nt": lambda: stream_copy(x, dst, True)}
-    extra = [inp[k].reshape(-1) for k in case.extra_reads]
+    extra = [flat(inp[k]) for k in case.extra_reads]
     reads = {}
     if extra:
         reads["read"] = lambda: [stream_read(a, partial) for a in extra]
@@ -123,7 +126,7 @@ def _bound_runners(case: Case, inp: dict, with_torch: bool) -> tuple[dict, dict]
 
         tx, tdst = torch.from_numpy(x), torch.from_numpy(dst)
         if case.kernel == "backward":
-            tdy = torch.from_numpy(inp["dy"].reshape(-1))
+            tdy = torch.from_numpy(dy)
             write["torch_copy"] = lambda: torch.add(tx, tdy, out=tdst)
         else:
             write["torch_copy"] = lambda: tdst.copy_(tx)
@@ -170,7 +173,7 @@ def bench_case(case: Case, repeat: int, with_torch: bool) -> Result:
         bound_rounds = [a + b for a, b in zip(bound_rounds, t[f"r_{r_best}"])]
         parts["reads"] = r_best
     res = Result(case.id, case.kernel, case.layout, case.shape, case.dtype,
-                 case.numel * np.dtype(case.dtype).itemsize / 2**20,
+                 case.numel * case.itemsize / 2**20,
                  Stat.of(t["out"]), Stat.of(t["alloc"]), Stat.of(bound_rounds), parts, 0.0)
     res.efficiency = Ratio.of(bound_rounds, t["out"]).value
     if with_torch:

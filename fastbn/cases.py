@@ -9,6 +9,7 @@ plus the extra reads its layout forces (see :attr:`Case.extra_reads`).
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +30,24 @@ OUT_OF_L3_SHAPE = (64, 128, 56, 56)
 TINY_SHAPE = (4, 8, 4, 4)
 # shapes the quick benchmark run keeps
 QUICK_SHAPES = {(256, 1024), (32, 64, 56, 56), (4, 8, 4, 4)}
+# 2-byte dtypes (computed in float32; bfloat16 arrays are ml_dtypes'), on the out-of-L3 shape and one
+# in-cache shape, channels-first and channels-last; PyTorch runs them with float32 parameters
+HALF_DTYPES = ("float16", "bfloat16")
+HALF_SHAPES = {OUT_OF_L3_SHAPE, (8, 256, 14, 14)}
+
+
+def np_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a case's dtype name (bfloat16: ``ml_dtypes.bfloat16``, imported here only)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def have_bfloat16() -> bool:
+    """Whether bfloat16 NumPy arrays can be made here (``ml_dtypes``: ``pip install "fastbn[bf16]"``)."""
+    return importlib.util.find_spec("ml_dtypes") is not None
 
 
 @dataclass(frozen=True)
@@ -61,10 +80,18 @@ class Case:
         return int(np.prod(self.shape))
 
     @property
+    def half(self) -> bool:
+        return self.dtype in HALF_DTYPES
+
+    @property
+    def itemsize(self) -> int:
+        return 2 if self.half else np.dtype(self.dtype).itemsize
+
+    @property
     def min_bytes(self) -> int:
         """Bytes the operation must move at minimum: each input read once, each output written once."""
         arrays = 3 if self.kernel == "backward" else 2
-        return arrays * self.numel * np.dtype(self.dtype).itemsize
+        return arrays * self.numel * self.itemsize
 
     @property
     def extra_reads(self) -> tuple:
@@ -95,7 +122,7 @@ class Case:
         """Deterministic inputs with non-trivial statistics; output buffers are pre-touched."""
         rng = np.random.default_rng(seed)
         C = self.channels
-        dt = np.dtype(self.dtype)
+        dt = np_dtype(self.dtype)
         x = (rng.standard_normal(self.array_shape, dtype=np.float32) * 2.0 + 0.5).astype(dt)
         inp = {
             "x": x,
@@ -130,14 +157,18 @@ class Case:
         return lambda: fastbn.batch_norm_backward(dy, x, m, s, g, axis=ax, out=out)
 
     def _torch_views(self, inp: dict) -> dict:
-        """The inputs as torch tensors on the same memory (NHWC: NCHW tensors in channels_last format)."""
+        """The inputs as torch tensors on the same memory (NHWC: NCHW tensors in channels_last format);
+        per-channel tensors in x's dtype, float32 for 2-byte x (as torch's mixed-precision BN takes them)."""
         import torch
 
         def view(a):
-            t = torch.from_numpy(a)
+            if self.dtype == "bfloat16":  # no NumPy dtype in torch: its bits
+                t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            else:
+                t = torch.from_numpy(a)
             return t.movedim(-1, 1) if self.layout == "NHWC" else t
 
-        td = view(inp["x"]).dtype
+        td = torch.float32 if self.half else view(inp["x"]).dtype
         v = {"x": view(inp["x"]), "out": view(inp["out"])}
         for k in ("gamma", "beta", "running_mean", "running_var"):
             v[k] = torch.from_numpy(inp[k]).to(td)
@@ -225,15 +256,19 @@ class Case:
 
 
 def bench_cases(*, quick: bool = False, kernels=KERNELS, layouts=LAYOUTS) -> list[Case]:
-    """The benchmark matrix: every kernel x layout x shape in float32, float64 on FLOAT64_SHAPES."""
+    """The benchmark matrix: every kernel x layout x shape in float32, float64 on FLOAT64_SHAPES,
+    float16 and bfloat16 (when ml_dtypes is installed) on HALF_SHAPES."""
+    dtypes = ("float32", "float64", "float16") + (("bfloat16",) if have_bfloat16() else ())
     cases = []
     for kernel in kernels:
         for layout in layouts:
             for shape in BENCH_SHAPES[layout]:
                 if quick and shape not in QUICK_SHAPES:
                     continue
-                for dtype in ("float32", "float64"):
+                for dtype in dtypes:
                     if dtype == "float64" and shape not in FLOAT64_SHAPES:
+                        continue
+                    if dtype in HALF_DTYPES and shape not in HALF_SHAPES:
                         continue
                     cases.append(Case(kernel, layout, shape, dtype))
     return cases

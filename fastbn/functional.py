@@ -5,6 +5,10 @@ channels-first; use ``axis=-1`` for channels-last and dense (N, C) inputs with `
 memory layout work; a layout that is a permutation of C order (channels-last views, Fortran order,
 transposes) is used without a copy, other strided views are copied once. Results keep x's memory layout.
 Per-channel results (mean, invstd, dgamma, dbeta) are float64.
+
+float16 and bfloat16 (``ml_dtypes.bfloat16``) arrays are taken too, wherever float32 is: computed in
+float32 with float64 statistics, each result rounded once to the input's dtype (bit for bit the float32
+kernel's result on the same values, rounded); see ``fastbn/_kernels/half.py``.
 """
 from __future__ import annotations
 
@@ -47,8 +51,8 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis: int = 1, eps: float = 1e
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, shape (N, C, *spatial) for axis=1, (N, *spatial, C) for axis=-1,
-        (N, C) for dense layers; at least 2 dims and 2 values per channel.
+    x : ndarray, float32 or float64 (or float16/bfloat16), shape (N, C, *spatial) for axis=1,
+        (N, *spatial, C) for axis=-1, (N, C) for dense layers; at least 2 dims and 2 values per channel.
     gamma, beta : (C,) float arrays or None (meaning 1 and 0). Any float dtype; used as float64.
     axis : the channel axis, negative allowed.
     eps : added to the variance, > 0.

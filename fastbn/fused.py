@@ -5,8 +5,8 @@
 a separate ReLU this saves a full read and write of y in the forward, and in the backward the masked
 gradient ``dy * (y > 0)`` is formed while the sums and dx are computed instead of being written out and
 read back. Same conventions as :mod:`fastbn.functional`: channel axis ``axis``, any memory layout,
-float32/float64, float64 per-channel results, ``out=`` buffers, running statistics updated in place
-(PyTorch's momentum) only when the call succeeds.
+float32/float64 (and float16/bfloat16), float64 per-channel results, ``out=`` buffers, running statistics
+updated in place (PyTorch's momentum) only when the call succeeds.
 """
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ class BatchNorm:
     affine : learnable gamma (``weight``) and beta (``bias``); ``center`` / ``scale`` override each.
     track_running_stats : keep running statistics (else batch statistics are used in eval mode too).
     dtype : float32 or float64, the dtype of the parameters and running statistics (inputs may be
-        either float dtype).
+        float32, float64, float16 or bfloat16).
     center, scale : beta and gamma separately (Keras' switches); None: ``affine``.
     activation : None or ``"relu"``: ``y = relu(bn(x) [+ residual])`` fused into the kernels.
     renorm, renorm_clipping, renorm_momentum : batch renormalization (Ioffe 2017) as Keras defines it:
@@ -269,11 +269,11 @@ class BatchNorm:
     def forward(self, x, residual=None, *, training: bool | None = None) -> np.ndarray:
         """Normalize x; returns y (x's shape, dtype and memory layout).
 
-        x : float32/float64 array with ``num_features`` channels along ``axis``. residual : optional
-        array like x, added before the activation (``y = act(bn(x) + residual)``). training : overrides
-        the layer's mode for this call (Keras' ``training=`` argument). In training mode (or without
-        running statistics) the batch statistics normalize; in training mode the running statistics
-        are updated, only once the whole call has succeeded. Saves what :meth:`backward` needs.
+        x : float32/float64/float16/bfloat16 array with ``num_features`` channels along ``axis``.
+        residual : optional array like x, added before the activation (``y = act(bn(x) + residual)``).
+        training : overrides the layer's mode for this call (Keras' ``training=`` argument). In training
+        mode (or without running statistics) the batch statistics normalize; in training mode the running
+        statistics are updated, only once the whole call has succeeded. Saves what :meth:`backward` needs.
         """
         x = as_input(x, "x")
         axis = normalize_axis(self.axis, x.ndim)

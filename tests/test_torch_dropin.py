@@ -110,10 +110,11 @@ def test_convert_swaps_modules_in_place():
 
 
 def test_falls_back_to_torch_where_fastbn_does_not_apply():
-    mine = fbt.BatchNorm2d(3, dtype=torch.bfloat16)
-    ref = nn.BatchNorm2d(3, dtype=torch.bfloat16)
-    x = torch.randn(4, 3, 2, 2, dtype=torch.bfloat16)
-    assert torch.equal(mine(x), ref(x))
+    mine = fbt.BatchNorm2d(3, dtype=torch.float64)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float32)
+    assert not mine._fastbn_supports(x)
+    with pytest.raises(RuntimeError, match="mixed dtype"):  # torch's own message
+        mine(x)
     empty = fbt.BatchNorm2d(3)(torch.randn(0, 3, 2, 2))
     assert empty.shape == (0, 3, 2, 2)
 

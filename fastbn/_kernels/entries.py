@@ -2,7 +2,8 @@
 precise statistics) calls, and that ``fastbn.kernels`` wraps for Numba code.
 
 Contract (checked cheaply here; the Python wrappers in ``fastbn._run`` and the public functions check
-everything): x, res, y, dy, dx, dres are C-contiguous (A, C, B) arrays of one float dtype, writable
+everything): x, res, y, dy, dx, dres are C-contiguous (A, C, B) arrays of one dtype, float32, float64
+or the bits of float16 (uint16) or bfloat16 (int16) computed in float32 (``half.py``), writable
 (read-only inputs come as writable views: the kernels never write them); per-channel arrays are float64
 (C,) arrays; outputs are float64 (k, C) arrays. ``nth`` is the number of threads to spread the work over
 (1 for a serial variant). Each kernel is a composition of ``core.py`` with its compile-time flags
@@ -23,6 +24,7 @@ from fastbn._jit import helper, kernel
 from fastbn._kernels import bwd, fwd
 from fastbn._kernels.core import (affine_core, backward_owned_core, backward_two_pass_core, grad_apply_core,
                                   grad_sums_core, stats_core, train_owned_core, train_two_pass_core)
+from fastbn._kernels.half import compute_empty
 from fastbn._kernels.intrin import opaque
 from fastbn._kernels.rows import affine_coefficients
 
@@ -73,7 +75,7 @@ def train(nth, x, res, y, gamma, beta, eps, rn_mean, rn_std, clip, stats, c0, c1
         if RENORM:
             P[fwd.RN_MEAN, c] = rn_mean[c0 + c]
             P[fwd.RN_STD, c] = rn_std[c0 + c]
-    coef = np.empty((3, C), x.dtype)
+    coef = compute_empty((3, C), x)
     xf, rf, yf = flat(x, c0, B), flat(res, c0, B), flat(y, c0, B)
     if OWNED:
         train_owned_core(nth, xf, rf, yf, A, C, CS, B, P, coef, eps, clip[0], clip[1], clip[2], SHORT, RELU,
@@ -100,7 +102,7 @@ def normalize(nth, x, res, y, mean, a, b, shift, eps, from_var, c0, c1):
         raise ValueError("fastbn kernel: res and y must have x's shape (A, C, B)")
     if mean.shape[0] != CS or a.shape[0] != CS or b.shape[0] != CS or shift.shape[0] != CS:
         raise ValueError("fastbn kernel: per-channel arrays must have length C")
-    coef = np.empty((3, C), x.dtype)
+    coef = compute_empty((3, C), x)
     for c in range(C):
         k = a[c0 + c] / np.sqrt(b[c0 + c] + eps) if from_var else a[c0 + c]
         affine_coefficients(coef, c, mean[c0 + c], k, shift[c0 + c])
@@ -126,7 +128,7 @@ def backward(nth, dy, x, y, dx, dres, mean, invstd, gamma, frozen, out, c0, c1):
         P[bwd.B_MEAN, c] = mean[c0 + c]
         P[bwd.B_INVSTD, c] = invstd[c0 + c]
         P[bwd.B_GAMMA, c] = gamma[c0 + c]
-    coef = np.empty((4, C), x.dtype)
+    coef = compute_empty((4, C), x)
     dyf, xf, yf, dxf, df = flat(dy, c0, B), flat(x, c0, B), flat(y, c0, B), flat(dx, c0, B), flat(dres, c0, B)
     if OWNED:
         backward_owned_core(nth, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, opaque(frozen), SHORT, RELU, WRITE_D,
@@ -196,7 +198,7 @@ def input_grad(nth, dy, x, y, dx, dres, coefs, c0, c1):
         raise ValueError("fastbn kernel: per-channel arrays must have length C")
     if A == 0 or B == 0:
         return
-    coef = np.empty((4, C), x.dtype)
+    coef = compute_empty((4, C), x)
     for c in range(C):
         affine_coefficients(coef, c, coefs[0, c0 + c], coefs[2, c0 + c], coefs[3, c0 + c])
         coef[3, c] = coefs[1, c0 + c]

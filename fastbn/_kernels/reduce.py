@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastbn._jit import choose, helper
+from fastbn._kernels.half import ld
 from fastbn._kernels.plan import cf_rows_per_chunk
 from fastbn._kernels.rows import (chan_merge, grad_sums_rows, shifted_sums_rows, shifted_sums_run, shifted_to_stats)
 
@@ -45,7 +46,7 @@ def cf_chunk_stats_long(xf, C, B, c0, c1, a0, a1, buf, pm, pq):
     cnt = float((a1 - a0) * B)
     for i in range(c1 - c0):
         c = c0 + i
-        k = np.float64(xf[(a0 * C + c) * B])
+        k = np.float64(ld(xf[(a0 * C + c) * B]))
         s1 = 0.0
         s2 = 0.0
         for a in range(a0, a1):
@@ -63,7 +64,7 @@ def cf_chunk_stats_short(xf, C, B, c0, c1, a0, a1, buf, pm, pq):
     S1 = buf[1, :L]
     S2 = buf[2, :L]
     for i in range(c1 - c0):
-        k = np.float64(xf[(a0 * C + c0 + i) * B])
+        k = np.float64(ld(xf[(a0 * C + c0 + i) * B]))
         for j in range(B):
             K0[i * B + j] = k
     zero_fill(S1)
@@ -177,7 +178,7 @@ def cl_chunk_stats(xf, C, r0, r1, c0, c1, buf, shift, pm, pq):
     ``shift`` is float64 scratch of that length (filled with the chunk's first row)."""
     w = c1 - c0
     for c in range(w):
-        shift[c] = xf[r0 * C + c0 + c]
+        shift[c] = ld(xf[r0 * C + c0 + c])
         pm[c] = 0.0
         pq[c] = 0.0
     shifted_sums_rows(xf, r0 * C + c0, C, r1 - r0, shift, pm, pq)

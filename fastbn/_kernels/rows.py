@@ -20,12 +20,17 @@ float32 arithmetic streams at copy speed where float64 per element ran 3x slower
 one core). Subtracting the mean first keeps large-offset channels exact (``x * k + (t - m * k)`` loses
 every digit of float32 ``1e4 + N(0, 1)``); the rounding of the mean to the compute dtype is folded into t
 in float64 by ``affine_coefficients``.
+
+Every element is read through ``half.ld`` and written through ``half.st``: float16 and bfloat16 data
+(uint16 / int16 bits) is computed in float32 and rounded once on the store; for float32 and float64 both
+are no-ops, and the loops compile to the same machine code as plain ``x[i]`` / ``y[i] = v``.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from fastbn._jit import helper
+from fastbn._kernels.half import ld, st
 from fastbn._kernels.intrin import STREAM_ALIGN, address, stream_store
 
 
@@ -95,20 +100,20 @@ def act_run(xf, rf, yf, s, n, m, k, t, zero, relu, has_res, stream):
     if stream:
         h, e = stream_span(y)
         for i in range(h):
-            y[i] = act(x[i], r[i], m, k, t, zero, relu, has_res)
+            y[i] = st(act(ld(x[i]), ld(r[i]), m, k, t, zero, relu, has_res), y)
         xs = x[h:e]
         rs = r[h:e]
         ys = y[h:e]
         for i in range(e - h):
-            stream_store(ys, i, act(xs[i], rs[i], m, k, t, zero, relu, has_res))
+            stream_store(ys, i, st(act(ld(xs[i]), ld(rs[i]), m, k, t, zero, relu, has_res), ys))
         xt = x[e:]
         rt = r[e:]
         yt = y[e:]
         for i in range(n - e):
-            yt[i] = act(xt[i], rt[i], m, k, t, zero, relu, has_res)
+            yt[i] = st(act(ld(xt[i]), ld(rt[i]), m, k, t, zero, relu, has_res), yt)
     else:
         for i in range(n):
-            y[i] = act(x[i], r[i], m, k, t, zero, relu, has_res)
+            y[i] = st(act(ld(x[i]), ld(r[i]), m, k, t, zero, relu, has_res), y)
 
 
 @helper
@@ -121,7 +126,7 @@ def act_vec(xf, rf, yf, s, M, K, T, zero, relu, has_res, stream):
     if stream:
         h, e = stream_span(y)
         for i in range(h):
-            y[i] = act(x[i], r[i], M[i], K[i], T[i], zero, relu, has_res)
+            y[i] = st(act(ld(x[i]), ld(r[i]), M[i], K[i], T[i], zero, relu, has_res), y)
         xs = x[h:e]
         rs = r[h:e]
         ys = y[h:e]
@@ -129,12 +134,12 @@ def act_vec(xf, rf, yf, s, M, K, T, zero, relu, has_res, stream):
         Ks = K[h:e]
         Ts = T[h:e]
         for i in range(e - h):
-            stream_store(ys, i, act(xs[i], rs[i], Ms[i], Ks[i], Ts[i], zero, relu, has_res))
+            stream_store(ys, i, st(act(ld(xs[i]), ld(rs[i]), Ms[i], Ks[i], Ts[i], zero, relu, has_res), ys))
         for i in range(e, n):
-            y[i] = act(x[i], r[i], M[i], K[i], T[i], zero, relu, has_res)
+            y[i] = st(act(ld(x[i]), ld(r[i]), M[i], K[i], T[i], zero, relu, has_res), y)
     else:
         for i in range(n):
-            y[i] = act(x[i], r[i], M[i], K[i], T[i], zero, relu, has_res)
+            y[i] = st(act(ld(x[i]), ld(r[i]), M[i], K[i], T[i], zero, relu, has_res), y)
 
 
 @helper
@@ -149,7 +154,7 @@ def act_rows(xf, rf, yf, r0, r1, C, CS, M, K, T, zero, relu, has_res, reverse):
         rr = rf[r * CS:r * CS + C]
         y = yf[r * CS:r * CS + C]
         for c in range(C):
-            y[c] = act(x[c], rr[c], M[c], K[c], T[c], zero, relu, has_res)
+            y[c] = st(act(ld(x[c]), ld(rr[c]), M[c], K[c], T[c], zero, relu, has_res), y)
 
 
 @helper
@@ -164,35 +169,35 @@ def grad_run(dyf, xf, yf, dxf, df, s, n, m, k_dy, k_x, k_0, zero, relu, write_d,
     if stream:
         h, e = stream_span(dx)
         for i in range(h):
-            g = masked(dy[i], y[i], zero, relu)
-            u = g * k_dy + (x[i] - m) * k_x + k_0
+            g = masked(ld(dy[i]), ld(y[i]), zero, relu)
+            u = g * k_dy + (ld(x[i]) - m) * k_x + k_0
             if write_d:
-                d[i] = g
-            dx[i] = u
+                d[i] = st(g, d)
+            dx[i] = st(u, dx)
         dys = dy[h:e]
         xs = x[h:e]
         ys = y[h:e]
         dxs = dx[h:e]
         ds = d[h:e]
         for i in range(e - h):
-            g = masked(dys[i], ys[i], zero, relu)
-            u = g * k_dy + (xs[i] - m) * k_x + k_0
+            g = masked(ld(dys[i]), ld(ys[i]), zero, relu)
+            u = g * k_dy + (ld(xs[i]) - m) * k_x + k_0
             if write_d:
-                stream_store(ds, i, g)
-            stream_store(dxs, i, u)
+                stream_store(ds, i, st(g, ds))
+            stream_store(dxs, i, st(u, dxs))
         for i in range(e, n):
-            g = masked(dy[i], y[i], zero, relu)
-            u = g * k_dy + (x[i] - m) * k_x + k_0
+            g = masked(ld(dy[i]), ld(y[i]), zero, relu)
+            u = g * k_dy + (ld(x[i]) - m) * k_x + k_0
             if write_d:
-                d[i] = g
-            dx[i] = u
+                d[i] = st(g, d)
+            dx[i] = st(u, dx)
     else:
         for i in range(n):
-            g = masked(dy[i], y[i], zero, relu)
-            u = g * k_dy + (x[i] - m) * k_x + k_0
+            g = masked(ld(dy[i]), ld(y[i]), zero, relu)
+            u = g * k_dy + (ld(x[i]) - m) * k_x + k_0
             if write_d:
-                d[i] = g
-            dx[i] = u
+                d[i] = st(g, d)
+            dx[i] = st(u, dx)
 
 
 @helper
@@ -208,11 +213,11 @@ def grad_vec(dyf, xf, yf, dxf, df, s, M, KX, K0, KDY, zero, relu, write_d, strea
     if stream:
         h, e = stream_span(dx)
         for i in range(h):
-            g = masked(dy[i], y[i], zero, relu)
-            u = g * KDY[i] + (x[i] - M[i]) * KX[i] + K0[i]
+            g = masked(ld(dy[i]), ld(y[i]), zero, relu)
+            u = g * KDY[i] + (ld(x[i]) - M[i]) * KX[i] + K0[i]
             if write_d:
-                d[i] = g
-            dx[i] = u
+                d[i] = st(g, d)
+            dx[i] = st(u, dx)
         dys = dy[h:e]
         xs = x[h:e]
         ys = y[h:e]
@@ -223,24 +228,24 @@ def grad_vec(dyf, xf, yf, dxf, df, s, M, KX, K0, KDY, zero, relu, write_d, strea
         K0s = K0[h:e]
         KDYs = KDY[h:e]
         for i in range(e - h):
-            g = masked(dys[i], ys[i], zero, relu)
-            u = g * KDYs[i] + (xs[i] - Ms[i]) * KXs[i] + K0s[i]
+            g = masked(ld(dys[i]), ld(ys[i]), zero, relu)
+            u = g * KDYs[i] + (ld(xs[i]) - Ms[i]) * KXs[i] + K0s[i]
             if write_d:
-                stream_store(ds, i, g)
-            stream_store(dxs, i, u)
+                stream_store(ds, i, st(g, ds))
+            stream_store(dxs, i, st(u, dxs))
         for i in range(e, n):
-            g = masked(dy[i], y[i], zero, relu)
-            u = g * KDY[i] + (x[i] - M[i]) * KX[i] + K0[i]
+            g = masked(ld(dy[i]), ld(y[i]), zero, relu)
+            u = g * KDY[i] + (ld(x[i]) - M[i]) * KX[i] + K0[i]
             if write_d:
-                d[i] = g
-            dx[i] = u
+                d[i] = st(g, d)
+            dx[i] = st(u, dx)
     else:
         for i in range(n):
-            g = masked(dy[i], y[i], zero, relu)
-            u = g * KDY[i] + (x[i] - M[i]) * KX[i] + K0[i]
+            g = masked(ld(dy[i]), ld(y[i]), zero, relu)
+            u = g * KDY[i] + (ld(x[i]) - M[i]) * KX[i] + K0[i]
             if write_d:
-                d[i] = g
-            dx[i] = u
+                d[i] = st(g, d)
+            dx[i] = st(u, dx)
 
 
 @helper
@@ -254,11 +259,11 @@ def grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, CS, M, KX, K0, KDY, zero, relu, w
         dx = dxf[r * CS:r * CS + C]
         d = df[r * CS:r * CS + C]
         for c in range(C):
-            g = masked(dy[c], y[c], zero, relu)
-            u = g * KDY[c] + (x[c] - M[c]) * KX[c] + K0[c]
+            g = masked(ld(dy[c]), ld(y[c]), zero, relu)
+            u = g * KDY[c] + (ld(x[c]) - M[c]) * KX[c] + K0[c]
             if write_d:
-                d[c] = g
-            dx[c] = u
+                d[c] = st(g, d)
+            dx[c] = st(u, dx)
 
 
 # ---- sums, in float64. A long row is one vectorized reduction (``reduction=True`` lets LLVM split the
@@ -275,7 +280,7 @@ def shifted_sums_run(xf, s, n, k):
     s1 = 0.0
     s2 = 0.0
     for i in range(n):
-        d = x[i] - k
+        d = ld(x[i]) - k
         s1 += d
         s2 += d * d
     return s1, s2
@@ -311,17 +316,17 @@ def shifted_sums_rows(xf, s0, stride, rows, K0, S1, S2):
         x3 = xf[s0 + (r + 3) * stride:s0 + (r + 3) * stride + n]
         for j in range(n):
             kj = K0[j]
-            d0 = x0[j] - kj
-            d1 = x1[j] - kj
-            d2 = x2[j] - kj
-            d3 = x3[j] - kj
+            d0 = ld(x0[j]) - kj
+            d1 = ld(x1[j]) - kj
+            d2 = ld(x2[j]) - kj
+            d3 = ld(x3[j]) - kj
             S1[j] += (d0 + d1) + (d2 + d3)
             S2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         r += 4
     while r < rows:
         x0 = xf[s0 + r * stride:s0 + r * stride + n]
         for j in range(n):
-            d = x0[j] - K0[j]
+            d = ld(x0[j]) - K0[j]
             S1[j] += d
             S2[j] += d * d
         r += 1
@@ -336,9 +341,9 @@ def grad_sums_run(dyf, xf, yf, s, n, m):
     sd = 0.0
     sdx = 0.0
     for i in range(n):
-        g = np.float64(dy[i])
+        g = np.float64(ld(dy[i]))
         sd += g
-        sdx += g * (x[i] - m)
+        sdx += g * (ld(x[i]) - m)
     return sd, sdx
 
 
@@ -351,9 +356,9 @@ def grad_sums_run_masked(dyf, xf, yf, s, n, m):
     sd = 0.0
     sdx = 0.0
     for i in range(n):
-        g = 0.0 if y[i] <= 0.0 else np.float64(dy[i])
+        g = 0.0 if ld(y[i]) <= 0.0 else np.float64(ld(dy[i]))
         sd += g
-        sdx += g * (x[i] - m)
+        sdx += g * (ld(x[i]) - m)
     return sd, sdx
 
 
@@ -373,10 +378,10 @@ def grad_sums_rows(dyf, xf, yf, s0, stride, rows, M, SD, SX, relu):
         y0 = yf[o:o + n]
         y1 = yf[o + stride:o + stride + n]
         for j in range(n):
-            a = masked(np.float64(g0[j]), y0[j], 0.0, relu)
-            b = masked(np.float64(g1[j]), y1[j], 0.0, relu)
+            a = masked(np.float64(ld(g0[j])), ld(y0[j]), 0.0, relu)
+            b = masked(np.float64(ld(g1[j])), ld(y1[j]), 0.0, relu)
             SD[j] += a + b
-            SX[j] += a * (x0[j] - M[j]) + b * (x1[j] - M[j])
+            SX[j] += a * (ld(x0[j]) - M[j]) + b * (ld(x1[j]) - M[j])
         r += 2
     while r < rows:
         o = s0 + r * stride
@@ -384,9 +389,9 @@ def grad_sums_rows(dyf, xf, yf, s0, stride, rows, M, SD, SX, relu):
         x0 = xf[o:o + n]
         y0 = yf[o:o + n]
         for j in range(n):
-            a = masked(np.float64(g0[j]), y0[j], 0.0, relu)
+            a = masked(np.float64(ld(g0[j])), ld(y0[j]), 0.0, relu)
             SD[j] += a
-            SX[j] += a * (x0[j] - M[j])
+            SX[j] += a * (ld(x0[j]) - M[j])
         r += 1
 
 

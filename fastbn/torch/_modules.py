@@ -7,9 +7,12 @@ fastbn's batch norm and then the original's tail (ReLU fused into the kernels wh
 The modules subclass torch's own (same constructor, parameters, buffers and state_dict; ``isinstance(m,
 nn.BatchNorm2d)`` stays true). Their forward and backward run fastbn through a
 ``torch.autograd.Function`` on zero-copy NumPy views of the tensors: a ``channels_last`` tensor is a
-permuted C-ordered array, which fastbn uses as is and whose layout the output keeps. Inputs fastbn does
-not handle (CUDA or other devices, half/bfloat16, a dtype unlike the parameters', an empty batch,
-TorchScript or ``torch.compile`` tracing) run torch's own implementation.
+permuted C-ordered array, which fastbn uses as is and whose layout the output keeps. float16 and
+bfloat16 inputs run fastbn's half-precision kernels (float32 arithmetic, float64 statistics, results
+rounded once) with float32 parameters and buffers, or parameters and buffers of the input's dtype, as
+torch allows. Inputs fastbn does not handle (CUDA or other devices, a float32/float64 input with
+parameters of another dtype, an empty batch, TorchScript or ``torch.compile`` tracing) run torch's own
+implementation.
 """
 from __future__ import annotations
 
@@ -21,16 +24,70 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from fastbn._validate import check_running_var
 from fastbn.functional import batch_norm_backward, batch_norm_infer, batch_norm_train
-from fastbn.fused import batch_norm_relu_backward, batch_norm_relu_infer, batch_norm_relu_train
+from fastbn.fused import (apply_core, backward_core, batch_norm_relu_backward, batch_norm_relu_infer,
+                          batch_norm_relu_train, train_core)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
 
 _DTYPES = (torch.float32, torch.float64)
+# 2-byte inputs, computed in float32; their parameters and buffers may be float32 or the input's dtype
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().numpy()
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A half tensor's NumPy view: float16 as float16, bfloat16 (which NumPy lacks) as the int16 array of
+    its bits, which fastbn's kernels read as bfloat16 (``fastbn._run._bits``)."""
+    t = t.detach()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor on a NumPy result of ``dtype`` (int16 bits for bfloat16, see _bits)."""
+    t = torch.from_numpy(a)
+    return t.view(dtype) if t.dtype != dtype else t
+
+
+def _f64(t: torch.Tensor | None, C: int, fill: float) -> np.ndarray:
+    return np.full(C, fill) if t is None else t.detach().to(torch.float64).numpy()
+
+
+def _half_forward(x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, relu):
+    """(y, mean, invstd) of a float16/bfloat16 input through fastbn.fused's entry points for validated
+    arrays (bfloat16 has no NumPy dtype without ml_dtypes, so it cannot go through the public API); the
+    running buffers, of any float dtype, are updated in float64 and stored once."""
+    xa = _bits(x)
+    C = xa.shape[1]
+    g, b = _f64(weight, C, 1.0), _f64(bias, C, 0.0)
+    if use_batch_stats:
+        f = train_core(xa, 1, g, b, eps, None, relu, None)
+        if running_mean is not None:
+            for buf, new in ((running_mean, f.mean), (running_var, f.var * (f.n / (f.n - 1.0)))):
+                buf.copy_(torch.from_numpy((1.0 - momentum) * _f64(buf, C, 0.0) + momentum * new))
+        return f.y, f.mean, f.invstd
+    mean, rv = _f64(running_mean, C, 0.0), _f64(running_var, C, 1.0)
+    check_running_var(rv, eps)
+    invstd = 1.0 / np.sqrt(rv + eps)
+    return apply_core(xa, 1, mean, g * invstd, b, None, relu, None), mean, invstd
+
+
+def _float_forward(x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, relu):
+    """(y, mean, invstd) of a float32/float64 input through the public API; the running buffers (of the
+    input's dtype) are updated in place through their NumPy views."""
+    xa = x.detach().numpy()
+    g, b = _np(weight), _np(bias)
+    if use_batch_stats:
+        train = batch_norm_relu_train if relu else batch_norm_train
+        return train(xa, g, b, axis=1, eps=eps, running_mean=_np(running_mean), running_var=_np(running_var),
+                     momentum=momentum)
+    rm, rv = _np(running_mean), _np(running_var)
+    y = (batch_norm_relu_infer if relu else batch_norm_infer)(xa, rm, rv, g, b, axis=1, eps=eps)
+    return y, rm.astype(np.float64), 1.0 / np.sqrt(rv.astype(np.float64) + eps)
 
 
 class _FastBatchNormFn(torch.autograd.Function):
@@ -38,19 +95,13 @@ class _FastBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, relu):
-        xa = x.detach().numpy()
-        g, b = _np(weight), _np(bias)
-        if use_batch_stats:
-            # running buffers (if any) are updated in place through their NumPy views
-            train = batch_norm_relu_train if relu else batch_norm_train
-            y, mean, invstd = train(xa, g, b, axis=1, eps=eps, running_mean=_np(running_mean),
-                                    running_var=_np(running_var), momentum=momentum)
+        if x.dtype in _HALF:
+            y, mean, invstd = _half_forward(x, weight, bias, running_mean, running_var, use_batch_stats,
+                                            momentum, eps, relu)
         else:
-            rm, rv = _np(running_mean), _np(running_var)
-            y = (batch_norm_relu_infer if relu else batch_norm_infer)(xa, rm, rv, g, b, axis=1, eps=eps)
-            mean = rm.astype(np.float64)
-            invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps)
-        out = torch.from_numpy(y)
+            y, mean, invstd = _float_forward(x, weight, bias, running_mean, running_var, use_batch_stats,
+                                             momentum, eps, relu)
+        out = _tensor(y, x.dtype)
         ctx.save_for_backward(x, weight, out if relu else None)
         ctx.fastbn_stats = (mean, invstd, not use_batch_stats)
         return out
@@ -62,7 +113,11 @@ class _FastBatchNormFn(torch.autograd.Function):
         mean, invstd, frozen = ctx.fastbn_stats
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
-        if y is None:
+        if x.dtype in _HALF:  # see _half_forward
+            g = _f64(weight, x.shape[1], 1.0)
+            dx, dgamma, dbeta, _ = backward_core(_bits(dy), _bits(x), None if y is None else _bits(y), 1, mean,
+                                                 invstd, g, None, False, None, frozen)
+        elif y is None:
             dx, dgamma, dbeta = batch_norm_backward(dy.detach().numpy(), x.detach().numpy(), mean, invstd,
                                                     _np(weight), axis=1, frozen=frozen)
         else:  # the ReLU mask is y > 0, applied inside the backward's passes
@@ -70,9 +125,9 @@ class _FastBatchNormFn(torch.autograd.Function):
                                                             y.numpy(), mean, invstd, _np(weight), axis=1,
                                                             frozen=frozen)
         need = ctx.needs_input_grad
-        dx_t = torch.from_numpy(dx) if need[0] else None
-        dw = torch.from_numpy(dgamma).to(x.dtype) if need[1] else None
-        db = torch.from_numpy(dbeta).to(x.dtype) if need[2] else None
+        dx_t = _tensor(dx, x.dtype) if need[0] else None
+        dw = torch.from_numpy(dgamma).to(weight.dtype) if need[1] else None
+        db = torch.from_numpy(dbeta).to(weight.dtype) if need[2] else None
         return dx_t, dw, db, None, None, None, None, None, None
 
 
@@ -87,10 +142,16 @@ class _FastBatchNormMixin:
     """forward() of torch's ``_BatchNorm`` with fastbn doing the arithmetic."""
 
     def _fastbn_supports(self, x: torch.Tensor) -> bool:
-        if x.device.type != "cpu" or x.dtype not in _DTYPES or x.layout != torch.strided or x.numel() == 0:
+        if x.device.type != "cpu" or x.layout != torch.strided or x.numel() == 0:
+            return False
+        if x.dtype in _DTYPES:
+            params = (x.dtype,)
+        elif x.dtype in _HALF:
+            params = (x.dtype, torch.float32)
+        else:
             return False
         for t in (self.weight, self.bias, self.running_mean, self.running_var):
-            if t is not None and (t.device.type != "cpu" or t.dtype != x.dtype):
+            if t is not None and (t.device.type != "cpu" or t.dtype not in params):
                 return False
         return not _compiling()
 
@@ -119,7 +180,7 @@ class _FastBatchNormMixin:
 class BatchNorm1d(_FastBatchNormMixin, nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` whose CPU forward/backward run fastbn kernels (same arguments).
 
-    Input (N, C) or (N, C, L), float32/float64. Example::
+    Input (N, C) or (N, C, L), float32/float64/float16/bfloat16. Example::
 
         >>> import torch, fastbn.torch as fbt
         >>> bn = fbt.BatchNorm1d(16)
@@ -130,8 +191,8 @@ class BatchNorm1d(_FastBatchNormMixin, nn.BatchNorm1d):
 class BatchNorm2d(_FastBatchNormMixin, nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` whose CPU forward/backward run fastbn kernels (same arguments).
 
-    Input (N, C, H, W), float32/float64, contiguous or ``channels_last`` (used without a copy; the
-    output and dx keep the input's memory format). Example::
+    Input (N, C, H, W), float32/float64/float16/bfloat16, contiguous or ``channels_last`` (used without
+    a copy; the output and dx keep the input's memory format). Example::
 
         >>> import torch, fastbn.torch as fbt
         >>> bn = fbt.BatchNorm2d(8)
@@ -145,7 +206,7 @@ class BatchNorm2d(_FastBatchNormMixin, nn.BatchNorm2d):
 class BatchNorm3d(_FastBatchNormMixin, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` whose CPU forward/backward run fastbn kernels (same arguments).
 
-    Input (N, C, D, H, W), float32/float64, contiguous or ``channels_last_3d``. Example::
+    Input (N, C, D, H, W), float32/float64/float16/bfloat16, contiguous or ``channels_last_3d``. Example::
 
         >>> import torch, fastbn.torch as fbt
         >>> y = fbt.BatchNorm3d(4)(torch.randn(2, 4, 3, 5, 5))
@@ -224,7 +285,7 @@ def convert(module: nn.Module, *, strict: bool = False) -> nn.Module:
     Like ``nn.SyncBatchNorm.convert_sync_batchnorm`` it returns the model, but the swap changes the
     modules' classes in place: parameters, buffers, hooks, training mode and optimizers holding the
     parameters are untouched, and ``state_dict`` keys do not change. Input fastbn does not handle
-    (other devices, half precision, ...) runs torch's (or the subclass's own) forward.
+    (other devices, ...) runs torch's (or the subclass's own) forward.
 
     Parameters
     ----------
