@@ -18,6 +18,9 @@ from fastbn._validate import (as_input, channel_vector, check_eps, check_flag, c
 
 
 
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch_norm_backward_frozen",
+           "TrainStats", "BackwardResult"]
+
 class TrainStats(NamedTuple):
     """Result of :func:`batch_norm_train`: y (x's shape and dtype), mean and invstd (float64, (C,))."""
 

@@ -276,8 +276,13 @@ def _public(fn: Any, kern: Any, parallel: bool) -> Any:
     new = types.FunctionType(fn.__code__, glb, name, fn.__defaults__, fn.__closure__)
     new.__qualname__ = name
     new.__module__ = fn.__module__
-    new.__doc__ = fn.__doc__ if parallel else (
-        f"{fn.__doc__.splitlines()[0]} Serial variant of ``{name[:-7]}`` (no parallel region; same bits).")
+    doc = fn.__doc__
+    if not parallel:  # the same text, for the serial kernel
+        head, rest = doc.split("\n", 1)
+        doc = (f"{head}\n\n    The serial variant of ``{name[:-7]}``: no parallel region (for small inputs, or inside your\n"
+               f"    own ``prange`` loop), bitwise the same results.\n{rest}").replace(
+            f"kernels.{name[:-7]}(", f"kernels.{name}(").replace(f"``{name[:-7]}(", f"``{name}(")
+    new.__doc__ = doc
     return _jit(new)
 
 
