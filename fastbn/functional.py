@@ -94,7 +94,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis: int = 1, eps: float = 1e
     if copy:
         copy_back(y, y3, lay)
     if update:
-        _run.update_running(running_mean, running_var, st[0], st[1] * (n / (n - 1)), momentum)
+        _run.update_running(running_mean, running_var, st[0], st[1], momentum, n / (n - 1))
     return TrainStats(y, st[0], st[2])
 
 
