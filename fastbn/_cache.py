@@ -17,8 +17,12 @@ ships a complete cache. fastbn's cache reads and writes separately:
 Stamp: Numba stamps a cache entry with its function's own source file only, but a kernel's machine
 code inlines helpers from other files: after an edit of ``common.py``, ``forward.py``'s cached kernels
 silently kept the old loops (seen while tuning: a 10x speed-up did not show until the cache was
-cleared). fastbn's entries are stamped with a digest of every source file of ``fastbn/_kernels`` and
-of ``fastbn/_jit.py`` (the compile options) as well.
+cleared). fastbn's entries are stamped with a digest of every source file of ``fastbn/_kernels``, of
+``fastbn/_jit.py`` (the compile options) and of this file as well.
+
+Start-up hooks: a loaded entry's hooks (start the thread pool) are put back into its code library, so
+that a function compiled against it (our wrappers, a user's ``@njit(cache=True)`` code) inherits them;
+Numba drops them there, and such a function's own entry then crashed the process that loaded it.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ _WRITABLE: dict[str, bool] = {}
 @functools.lru_cache(maxsize=1)
 def kernel_tree_digest() -> str:
     h = hashlib.sha256()
-    for path in sorted((_PKG_DIR / "_kernels").glob("*.py")) + [_PKG_DIR / "_jit.py"]:
+    # _cache.py itself: entries written before a fix of this module (the start-up hooks below) must go
+    for path in sorted((_PKG_DIR / "_kernels").glob("*.py")) + [_PKG_DIR / "_jit.py", _PKG_DIR / "_cache.py"]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
@@ -143,7 +148,14 @@ def _classes():
                 try:
                     data = reader.load(key)
                     if data is not None:
-                        return self._impl.rebuild(target_context, data)
+                        cr = self._impl.rebuild(target_context, data)
+                        # Numba keeps a loaded entry's start-up hooks (reload_init: start the thread
+                        # pool) in the result but not in its code library, from which callers compiled
+                        # later inherit them: their own entries then lack the hook, and a process that
+                        # loads one segfaulted on its first parallel region (numba#8578, #9938;
+                        # tests/test_cache_reload.py).
+                        cr.library._reload_init.update(cr.reload_init)
+                        return cr
                 except Exception:  # noqa: BLE001  an unreadable or corrupt entry is a miss, not an error
                     continue
             return None

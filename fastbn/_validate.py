@@ -116,17 +116,58 @@ def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.may_share_memory(a, b)) and bool(np.shares_memory(a, b))
 
 
+def _owner(a: np.ndarray):
+    """The array at the end of ``a``'s chain of bases (the one that allocated the memory), or None when
+    the chain ends in something else (a memory map, a buffer, another library's tensor)."""
+    while True:
+        b = a.base
+        if b is None:
+            return a if a.flags.owndata else None  # (memory from a C extension: no owner known)
+        if type(b) is not np.ndarray:
+            return None
+        a = b
+
+
 def unaliased(vectors: tuple, *written) -> tuple:
     """Per-channel vectors a kernel reads, each copied if it shares memory with an array the call
     writes (``out=``, running statistics; None ignored): the kernel would read values it has
-    already overwritten. Copying a (C,) vector costs far less than the call. Plain loops: generator
-    expressions here cost ~1.4 us on the tiny case, these ~0.3 us."""
+    already overwritten. Copying a (C,) vector costs far less than the call.
+
+    Arrays allocated by NumPy (their chains of bases end in different arrays) are apart without a
+    look at their addresses: 0.4-0.6 us where the exact test costs ~0.4 us per pair (the tiny case's
+    whole call is ~10 us)."""
+    for v in vectors:  # fast path: arrays that own their memory are apart unless the same object
+        if not v.flags.owndata:
+            break
+    else:
+        for w in written:
+            if w is None:
+                continue
+            if type(w) is not np.ndarray or not w.flags.owndata:
+                break
+            if w.ndim == 1:
+                for v in vectors:
+                    if v is w:
+                        break
+                else:
+                    continue
+                break
+        else:
+            return vectors
     result = vectors
     for w in written:
         if not isinstance(w, np.ndarray):  # None, or a bad out= refused later by name
             continue
+        ow = _owner(w)
         for i, v in enumerate(result):
-            if v is w or ((v.base is not None or w.base is not None) and overlaps(v, w)):
+            if v is w:
+                result = result[:i] + (v.copy(),) + result[i + 1:]
+                continue
+            if ow is not None:
+                ov = _owner(v)
+                if ov is not None and ov is not ow:
+                    continue
+            if overlaps(v, w):
                 result = result[:i] + (v.copy(),) + result[i + 1:]
     return result
 
@@ -195,9 +236,12 @@ def channel_vector(v, name: str, C: int, default: float | None = None) -> np.nda
         if default is None:
             raise TypeError(f"{name} is required")
         return _constant_vector(C, default)
-    if (type(v) is np.ndarray and v.dtype is _F64 and v.ndim == 1 and v.shape[0] == C and v.flags.c_contiguous
-            and v.flags.writeable):
-        return v
+    if type(v) is np.ndarray and v.ndim == 1 and v.shape[0] == C:  # fast paths: ~0.2 us
+        if v.dtype is _F64:
+            f = v.flags
+            return v if f.c_contiguous and f.writeable else v.copy()
+        if v.dtype.kind == "f":
+            return v.astype(_F64)  # a new contiguous writable array, converted
     if not isinstance(v, np.ndarray):
         v = np.asarray(v)
     if v.dtype.kind != "f":
@@ -238,7 +282,7 @@ def _writable_alias(arr: np.ndarray) -> np.ndarray:
     return out if out.dtype == arr.dtype else out.view(arr.dtype)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Layout:
     """How an N-d array maps onto the kernels' (A, C, B) view.
 
@@ -273,7 +317,22 @@ class Layout:
         return t.transpose(np.argsort(self.order))
 
 
+_LAYOUTS: dict = {}
+
+
 def resolve_layout(x: np.ndarray, axis: int) -> Layout:
+    """The Layout of ``x`` with channels on ``axis``; remembered per (shape, strides, axis) (0.2
+    instead of 0.6 us). Layouts are never modified."""
+    key = (x.shape, x.strides, axis)
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        if len(_LAYOUTS) > 4096:
+            _LAYOUTS.clear()
+        lay = _LAYOUTS[key] = _resolve_layout(x, axis)
+    return lay
+
+
+def _resolve_layout(x: np.ndarray, axis: int) -> Layout:
     shape = x.shape
     order = None
     ax = axis
@@ -310,8 +369,8 @@ def output_buffer(out, name: str, layout: Layout, dtype, inputs: tuple) -> tuple
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writeable")
     for arr in inputs:
-        if arr is out or not np.may_share_memory(arr, out):
-            continue
+        if arr is out or (arr.flags.owndata and out.flags.owndata) or not np.may_share_memory(arr, out):
+            continue  # (two arrays that own their memory are apart)
         same = (arr.__array_interface__["data"][0] == out.__array_interface__["data"][0]
                 and arr.strides == out.strides)
         if not same and np.shares_memory(arr, out):

@@ -98,10 +98,11 @@ def compile_variant(v: Variant) -> None:
 
 def compile_helpers(dtypes=DTYPES) -> None:
     """The small helpers the Python side calls directly (the running-statistics update)."""
-    from fastbn._run import _ema
+    from fastbn._run import _ema, _ema_pair
 
     for dt in dtypes:
-        _ema(np.zeros(2, dt), np.zeros(2), 0.1)
+        _ema(np.zeros(2, dt), np.zeros(2), 0.1, 1.0)
+        _ema_pair(np.zeros(2, dt), np.zeros(2, dt), np.zeros(2), np.zeros(2), 0.1, 1.0)
 
 
 def compile_numba_api(dtypes=DTYPES) -> None:

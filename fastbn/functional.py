@@ -22,6 +22,9 @@ from fastbn._validate import (as_input, channel_vector, check_eps, check_flag, c
 
 
 
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch_norm_backward_frozen",
+           "TrainStats", "BackwardResult"]
+
 class TrainStats(NamedTuple):
     """Result of :func:`batch_norm_train`: y (x's shape and dtype), mean and invstd (float64, (C,))."""
 
@@ -95,7 +98,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis: int = 1, eps: float = 1e
     if copy:
         copy_back(y, y3, lay)
     if update:
-        _run.update_running(running_mean, running_var, st[0], st[1] * (n / (n - 1)), momentum)
+        _run.update_running(running_mean, running_var, st[0], st[1], momentum, n / (n - 1))
     return TrainStats(y, st[0], st[2])
 
 

@@ -86,6 +86,44 @@ def _as_f64(v, C):
 
 
 def _train_forward(x, gamma, beta, eps, y, mean, invstd, running_mean, running_var, momentum, update_running):
+    """Training-mode forward: batch statistics, normalized output, optional running-statistics update.
+
+    ``train_forward(x, gamma, beta, eps, y, mean, invstd, running_mean, running_var, momentum,
+    update_running)`` writes ``y = (x - mean) * invstd * gamma + beta``, the batch ``mean`` and
+    ``invstd = 1 / sqrt(var + eps)`` (biased variance) per channel. When ``update_running`` is true it
+    then updates ``running_mean`` and ``running_var`` in place, PyTorch's way:
+    ``r = (1 - momentum) * r + momentum * batch`` with the unbiased batch variance; otherwise they are
+    not read (pass ``np.empty(0)``).
+
+    Parameters
+    ----------
+    x : (A, C, B) float32 or float64, C-contiguous (read-only allowed)
+    gamma, beta : (C,) any float dtype
+    eps : float
+    y : (A, C, B), x's dtype, C-contiguous; may be ``x``
+    mean, invstd : (C,) float64, written
+    running_mean, running_var : (C,) float32 or float64, updated in place when ``update_running``
+    momentum : float
+    update_running : bool
+
+    Statistics accumulate in float64 with a per-chunk shift (no ``E[x^2] - E[x]^2`` cancellation), in
+    an order fixed by the shape: the same bits for any thread count and for ``train_forward_serial``.
+    Raises ValueError when a per-channel array's length is not C.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from fastbn import kernels
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 4, 25)).astype(np.float32)  # NCHW, H*W=25
+    >>> y = np.empty_like(x)
+    >>> mean, invstd = np.empty(4), np.empty(4)
+    >>> rm, rv = np.zeros(4), np.ones(4)
+    >>> kernels.train_forward(x, np.ones(4), np.zeros(4), 1e-5, y, mean, invstd, rm, rv, 0.1, True)
+    >>> bool(np.allclose(mean, x.mean(axis=(0, 2), dtype=np.float64)))
+    True
+    >>> bool(np.allclose(rm, 0.1 * mean))
+    True
+    """
     A, C, B = x.shape
     if gamma.shape[0] != C or beta.shape[0] != C or mean.shape[0] != C or invstd.shape[0] != C:
         raise ValueError("fastbn kernel: per-channel arrays must have length C")
@@ -117,6 +155,32 @@ def _train_forward(x, gamma, beta, eps, y, mean, invstd, running_mean, running_v
 
 
 def _infer_forward(x, running_mean, running_var, gamma, beta, eps, y):
+    """Inference-mode forward with given statistics.
+
+    ``infer_forward(x, running_mean, running_var, gamma, beta, eps, y)`` writes
+    ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta``.
+
+    Parameters
+    ----------
+    x : (A, C, B) float32 or float64, C-contiguous (read-only allowed)
+    running_mean, running_var, gamma, beta : (C,) any float dtype
+    eps : float
+    y : (A, C, B), x's dtype, C-contiguous; may be ``x`` (in place)
+
+    The per-channel scale and shift are computed in float64 and applied in x's dtype. Raises ValueError
+    when a per-channel array's length is not C.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from fastbn import kernels
+    >>> x = np.random.default_rng(0).normal(size=(32, 16, 1))          # dense (N, C) as (N, C, 1)
+    >>> rm, rv = np.full(16, 0.5), np.full(16, 4.0)
+    >>> y = np.empty_like(x)
+    >>> kernels.infer_forward(x, rm, rv, np.ones(16), np.zeros(16), 0.0, y)
+    >>> bool(np.allclose(y, (x - 0.5) / 2.0))
+    True
+    """
     A, C, B = x.shape
     if (running_mean.shape[0] != C or running_var.shape[0] != C or gamma.shape[0] != C
             or beta.shape[0] != C):
@@ -141,6 +205,40 @@ def _infer_forward(x, running_mean, running_var, gamma, beta, eps, y):
 
 
 def _backward(dy, x, mean, invstd, gamma, dx, dgamma, dbeta, frozen):
+    """Backward: input gradient and the gradients of gamma and beta.
+
+    ``backward(dy, x, mean, invstd, gamma, dx, dgamma, dbeta, frozen)`` writes
+    ``dgamma = sum(dy * (x - mean)) * invstd``, ``dbeta = sum(dy)`` and ``dx``: with ``frozen=False``
+    (training mode, ``mean``/``invstd`` the batch statistics of ``train_forward``)
+    ``dx = gamma * invstd * (dy - dbeta / n - (x - mean) * invstd * dgamma / n)``, n = A * B; with
+    ``frozen=True`` (eval mode, the statistics are constants) ``dx = dy * gamma * invstd``.
+
+    Parameters
+    ----------
+    dy, x : (A, C, B) float32 or float64 (one dtype), C-contiguous (read-only allowed)
+    mean, invstd, gamma : (C,) any float dtype
+    dx : (A, C, B), x's dtype, C-contiguous; may be ``dy``
+    dgamma, dbeta : (C,) float64, written
+    frozen : bool
+
+    The sums accumulate in float64 in a shape-fixed order (same bits for any thread count). Raises
+    ValueError when a per-channel array's length is not C.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from fastbn import kernels
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.normal(size=(2, 16, 8, 1)), rng.normal(size=(2, 16, 8, 1))
+    >>> x, dy = x.reshape(2 * 16 * 8 // 8, 8, 1), dy.reshape(32, 8, 1)     # NHWC as (N*H*W, C, 1)
+    >>> mean, invstd = x.mean(axis=(0, 2)), 1 / np.sqrt(x.var(axis=(0, 2)) + 1e-5)
+    >>> dx, dgamma, dbeta = np.empty_like(x), np.empty(8), np.empty(8)
+    >>> kernels.backward(dy, x, mean, invstd, np.ones(8), dx, dgamma, dbeta, False)
+    >>> bool(np.allclose(dbeta, dy.sum(axis=(0, 2))))
+    True
+    >>> bool(np.allclose(dx.sum(axis=(0, 2)), 0.0))      # the batch-statistics gradient sums to zero
+    True
+    """
     A, C, B = x.shape
     if mean.shape[0] != C or invstd.shape[0] != C or gamma.shape[0] != C or dgamma.shape[0] != C \
             or dbeta.shape[0] != C:
@@ -178,7 +276,13 @@ def _public(fn: Any, kern: Any, parallel: bool) -> Any:
     new = types.FunctionType(fn.__code__, glb, name, fn.__defaults__, fn.__closure__)
     new.__qualname__ = name
     new.__module__ = fn.__module__
-    new.__doc__ = __doc__
+    doc = fn.__doc__
+    if not parallel:  # the same text, for the serial kernel
+        head, rest = doc.split("\n", 1)
+        doc = (f"{head}\n\n    The serial variant of ``{name[:-7]}``: no parallel region (for small inputs, or inside your\n"
+               f"    own ``prange`` loop), bitwise the same results.\n{rest}").replace(
+            f"kernels.{name[:-7]}(", f"kernels.{name}(").replace(f"``{name[:-7]}(", f"``{name}(")
+    new.__doc__ = doc
     return _jit(new)
 
 

@@ -167,7 +167,18 @@ def _public_names() -> dict[str, list[str]]:
 def test_api_reference_covers_every_public_name():
     entries = set()
     for page in (ROOT / "docs" / "api").glob("*.md"):
-        entries |= {m.split(".")[-1] for m in re.findall(r"^::: ([\w.]+)", page.read_text(), flags=re.M)}
+        text = page.read_text()
+        entries |= {m.split(".")[-1] for m in re.findall(r"^::: ([\w.]+)", text, flags=re.M)}
+        # an entry shown under another name (`heading: "train_forward"` on fastbn.kernels._train_forward,
+        # whose docstring the public dispatcher carries) documents that name
+        entry = None
+        for line in text.splitlines():
+            if line.startswith("::: "):
+                entry = line
+            elif entry and line.startswith(" ") and (m := re.fullmatch(r'\s+heading: "(\w+)"', line)):
+                entries.add(m.group(1))
+            elif not line.startswith(" "):
+                entry = None
     missing = []
     for module, names in _public_names().items():
         for name in names:
