@@ -16,6 +16,9 @@ from fastbn._kernels import entries
 from fastbn._kernels.plan import CHANNEL_WINDOW, channel_windows, layout_of, streams
 
 _NO_RENORM = np.zeros(1)
+_NO_CLIP = np.array([0.0, np.inf, np.inf])
+_F16 = np.dtype(np.float16)
+_BITS = (np.dtype(np.uint16), np.dtype(np.int16))
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _LAYOUTS: dict = {}
@@ -31,10 +34,6 @@ def _layout(shape: tuple) -> tuple:
         A, C, B = shape
         flags = _LAYOUTS[shape] = layout_of(A, min(C, CHANNEL_WINDOW), B)
     return flags
-
-_NO_CLIP = np.array([0.0, np.inf, np.inf])
-_F16 = np.dtype(np.float16)
-_BITS = (np.dtype(np.uint16), np.dtype(np.int16))
 
 
 def _bits(a: np.ndarray | None) -> np.ndarray | None:

@@ -244,7 +244,7 @@ def channel_vector(v, name: str, C: int, default: float | None = None) -> np.nda
             return v.astype(_F64)  # a new contiguous writable array, converted
     if not isinstance(v, np.ndarray):
         v = np.asarray(v)
-    if v.dtype.kind != "f":
+    if v.dtype.kind != "f" and not is_bfloat16(v.dtype):
         raise TypeError(f"{name} must be a float array of length {C}, got dtype {v.dtype}")
     if v.ndim != 1 or v.shape[0] != C:
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), got {v.shape}")
@@ -256,7 +256,7 @@ def running_vector(v, name: str, C: int) -> np.ndarray:
     """A running statistic updated in place: a writeable float (C,) ndarray."""
     if not isinstance(v, np.ndarray):
         raise TypeError(f"{name} must be a numpy array (it is updated in place), got {type(v).__name__}")
-    if v.dtype.kind != "f":
+    if v.dtype.kind != "f" and not is_bfloat16(v.dtype):
         raise TypeError(f"{name} must be a float array of length {C}, got dtype {v.dtype}")
     if v.ndim != 1 or v.shape[0] != C:
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), got {v.shape}")

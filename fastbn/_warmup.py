@@ -33,6 +33,9 @@ KERNEL_FLAGS = {
     "input_grad": ("RELU", "WRITE_D", "STREAM"),
 }
 DTYPES = ("float32", "float64")
+# 2-byte inputs, compiled on request (``--dtypes float16,bfloat16``): the kernels take them as the integer
+# arrays of their bits (``fastbn/_kernels/half.py``), so warming them needs no ml_dtypes
+HALF_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,14 @@ def variants(kernels=tuple(KERNEL_FLAGS), dtypes=DTYPES, layouts=tuple(LAYOUTS),
 def _args(v: Variant) -> tuple:
     """Arguments of the types fastbn._run passes, on a small input of the variant's layout."""
     (_, _, _), (A, C, B) = LAYOUTS[v.layout]
-    dt = np.dtype(v.dtype)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((A, C, B)).astype(dt)
+    x = rng.standard_normal((A, C, B))
+    if v.dtype == "float16":  # the bits of 2-byte floats, as fastbn._run passes them
+        x = x.astype(np.float16).view(np.uint16)
+    elif v.dtype == "bfloat16":  # (the upper half of a float32)
+        x = (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
+    else:
+        x = x.astype(v.dtype)
     y = np.empty_like(x)
     ones, zeros = np.ones(C), np.zeros(C)
     nth = 2 if v.parallel else 1
@@ -100,7 +108,8 @@ def compile_helpers(dtypes=DTYPES) -> None:
     """The small helpers the Python side calls directly (the running-statistics update)."""
     from fastbn._run import _ema, _ema_pair
 
-    for dt in dtypes:
+    # the running statistics' dtypes: half inputs' are float32 (or float64), never 2-byte
+    for dt in sorted({d if d in DTYPES else "float32" for d in dtypes}):
         _ema(np.zeros(2, dt), np.zeros(2), 0.1, 1.0)
         _ema_pair(np.zeros(2, dt), np.zeros(2, dt), np.zeros(2), np.zeros(2), 0.1, 1.0)
 
@@ -109,7 +118,7 @@ def compile_numba_api(dtypes=DTYPES) -> None:
     """fastbn.kernels' wrappers for Numba code (each builds every layout's variant)."""
     from fastbn import kernels
 
-    for dt in dtypes:
+    for dt in (d for d in dtypes if d in DTYPES):  # (it takes float32 and float64 only)
         x = np.ones((2, 3, 4), dt)
         y = np.empty_like(x)
         c = np.ones(3)

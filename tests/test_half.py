@@ -266,6 +266,50 @@ def test_layer_stats_and_running_statistics(dt):
     assert np.array_equal(s.mean, s32.mean) and np.array_equal(s.m2, s32.m2)
 
 
+@need_bf16
+def test_bfloat16_parameters_and_running_statistics():
+    """Per-channel arrays of any float dtype, ml_dtypes' bfloat16 included: parameters used as float64,
+    running statistics updated in float64 and stored once."""
+    x, _, g, b = _inputs((8, 3, 5, 5), 1, BF16)
+    g16, b16 = g.astype(BF16), b.astype(BF16)
+    rm, rv = np.zeros(3, BF16), np.ones(3, BF16)
+    y = fastbn.batch_norm_train(x, g16, b16, running_mean=rm, running_var=rv).y
+    assert_same_bits(y, fastbn.batch_norm_train(x, g16.astype(np.float64), b16.astype(np.float64)).y, "y")
+    _, rmean, _, rvar, n = naive.train_forward(x, None, None)
+    erm, erv = naive.running_update(np.zeros(3), np.ones(3), rmean, rvar, n, 0.1)
+    assert rm.dtype == BF16 and rv.dtype == BF16
+    assert_within_rounding(rm, erm, "running_mean", slack=1e-12, dtype="bfloat16")
+    assert_within_rounding(rv, erv, "running_var", slack=1e-12, dtype="bfloat16")
+    yi = fastbn.batch_norm_infer(x, rm, rv, g16, b16)
+    assert_same_bits(yi, fastbn.batch_norm_infer(x, rm.astype(np.float64), rv.astype(np.float64),
+                                                 g16.astype(np.float64), b16.astype(np.float64)), "infer")
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_warmup_builds_what_half_calls_use(dt, monkeypatch):
+    """``python -m fastbn warmup --dtypes float16,bfloat16`` compiles the variants the public API calls:
+    the same kernel, flags and argument types (the bits arrays of fastbn._run, not NumPy's float16)."""
+    from fastbn import _run, _warmup
+
+    calls = []
+
+    def recording(kernel, flags, size, *args):
+        calls.append((kernel.name, flags, tuple(numba.typeof(a) for a in args)))
+        return call(kernel, flags, size, *args)
+
+    call = _run.call
+    monkeypatch.setattr(_run, "call", recording)
+    x = np.random.default_rng(0).normal(size=_warmup.LAYOUTS["cf-short"][1]).astype(dt)  # serial, cf-short
+    y, mean, invstd = fastbn.batch_norm_train(x)
+    fastbn.batch_norm_infer(x, mean, invstd ** -2.0)
+    layout = _warmup.LAYOUTS["cf-short"][0]
+    warmed = {}
+    for kernel, flags in (("train", (False,) * 4), ("normalize", (False,) * 3)):
+        args = _warmup._args(_warmup.Variant(kernel, dt.name, False, "cf-short", flags))
+        warmed[kernel] = (kernel, layout + flags, tuple(numba.typeof(a) for a in args[1:]))  # (nth first)
+    assert calls == [warmed["train"], warmed["normalize"]]
+
+
 def test_half_arguments_are_checked():
     x = np.ones((4, 3), np.float16)
     with pytest.raises(TypeError, match="dy must have x's dtype float16, got float32"):

@@ -17,7 +17,7 @@ fbt = pytest.importorskip("fastbn.torch")
 nn = torch.nn
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_dist_worker.py")
-SCENARIOS = 6  # "ok" lines per rank without the error cases
+SCENARIOS = 7  # "ok" lines per rank without the error cases
 ERRORS = 5
 
 

@@ -21,6 +21,9 @@ import fastbn.torch as fbt
 
 RANK, WORLD, PORT = (int(a) for a in sys.argv[1:4])
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# relative to the largest value: one rounding to the half dtype (half an ulp, 2**-8 of bfloat16's at the
+# largest binade) and float32 arithmetic
+HALF_TOL = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
@@ -45,30 +48,37 @@ def summed(t):
 
 
 def module_case(name, sizes, tail, dtype, fmt=None, momentum=0.1, steps=2):
+    """SyncBatchNorm on ``dtype`` against torch's BatchNorm on the whole batch. A half dtype runs with
+    float32 parameters and buffers against torch's float64 BN on the same (rounded) values: y and dx within
+    the half dtype's rounding, the rest (float64 statistics, float32 parameters) to 1e-5."""
     C = 5
     g = torch.Generator().manual_seed(len(name))
-    ref = BN[2 + len(tail)](C, momentum=momentum).to(dtype)
+    half = dtype in HALF_TOL
+    ref = BN[2 + len(tail)](C, momentum=momentum).to(torch.float64 if half else dtype)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 2.0, generator=g)
         ref.bias.normal_(generator=g)
-    mine = fbt.SyncBatchNorm(C, momentum=momentum).to(dtype)
+    mine = fbt.SyncBatchNorm(C, momentum=momentum).to(torch.float32 if half else dtype)
     mine.load_state_dict(ref.state_dict())
     sl = split(sizes)
+    tol = TOL[torch.float32 if half else dtype]
+    out_tol = HALF_TOL[dtype] if half else tol
+    rnd = torch.float32 if half else dtype  # (drawn in float32, rounded to the half dtype)
     for step in range(steps):
-        x = torch.randn((sum(sizes), C) + tail, generator=g, dtype=dtype) * (1 + step) + 3 * step - 1
-        w = torch.randn(x.shape, generator=g, dtype=dtype)
-        xf = x.clone().requires_grad_()
+        x = (torch.randn((sum(sizes), C) + tail, generator=g, dtype=rnd) * (1 + step) + 3 * step - 1).to(dtype)
+        w = torch.randn(x.shape, generator=g, dtype=rnd).to(dtype)
+        xf = x.clone().to(ref.weight.dtype).requires_grad_()
         yf = ref(xf)
-        (yf * w).sum().backward()
+        (yf * w.to(xf.dtype)).sum().backward()
         xs = x[sl].clone()
         if fmt is not None:
             xs = xs.contiguous(memory_format=fmt)
         xs.requires_grad_()
         ys = mine(xs)
         (ys * w[sl]).sum().backward()
-        tol = TOL[dtype]
-        close(ys, yf[sl], tol, f"{name} step {step}: y")
-        close(xs.grad, xf.grad[sl], tol, f"{name} step {step}: dx")
+        assert ys.dtype == dtype and (not sizes[RANK] or xs.grad.dtype == dtype), name
+        close(ys, yf[sl], out_tol, f"{name} step {step}: y")
+        close(xs.grad, xf.grad[sl], out_tol, f"{name} step {step}: dx")
         if fmt is not None and sizes[RANK]:
             assert ys.is_contiguous(memory_format=fmt) and xs.grad.is_contiguous(memory_format=fmt), name
         close(summed(mine.weight.grad), ref.weight.grad, tol, f"{name} step {step}: sum of weight grads")
@@ -80,9 +90,9 @@ def module_case(name, sizes, tail, dtype, fmt=None, momentum=0.1, steps=2):
             m.zero_grad()
     mine.eval()
     ref.eval()
-    x = torch.randn((3, C) + tail, generator=g, dtype=dtype)
+    x = torch.randn((3, C) + tail, generator=g, dtype=rnd).to(dtype)
     if RANK == 0:  # eval mode does not communicate: one rank alone must not hang
-        close(mine(x), ref(x), tol, f"{name}: eval")
+        close(mine(x), ref(x.to(ref.weight.dtype)), out_tol, f"{name}: eval")
     print("ok", name, flush=True)
 
 
@@ -140,9 +150,9 @@ def error_cases():
     # a wrong channel count on the last rank: ValueError there, "invalid input on rank(s)" elsewhere
     x = torch.randn(3, 5 if RANK == last else 4, 2, 2)
     expect_error("bad channels on one rank", lambda: bn(x), [ValueError] * WORLD)
-    # not a ValueError: a bfloat16 input on rank 0 raises TypeError there, and the others still return
-    x = torch.randn(3, 4, 2, 2, dtype=torch.bfloat16 if RANK == 0 else torch.float32)
-    expect_error("bfloat16 on rank 0", lambda: bn(x), [TypeError] + [ValueError] * (WORLD - 1))
+    # not a ValueError: an integer input on rank 0 raises TypeError there, and the others still return
+    x = torch.ones(3, 4, 2, 2, dtype=torch.int32) if RANK == 0 else torch.randn(3, 4, 2, 2)
+    expect_error("int32 on rank 0", lambda: bn(x), [TypeError] + [ValueError] * (WORLD - 1))
     # a 1-D input on the last rank
     x = torch.randn(4) if RANK == last else torch.randn(3, 4)
     expect_error("1-D input on one rank", lambda: bn(x), [ValueError] * WORLD)
@@ -168,6 +178,8 @@ def main():
         module_case("float32 (N, C, L)", uneven, (7,), torch.float32)
         module_case("float64 3d channels_last_3d", uneven, (2, 3, 2), torch.float64,
                     fmt=torch.channels_last_3d)
+        module_case("bfloat16 channels_last, float32 parameters", uneven, (3, 4), torch.bfloat16,
+                    fmt=torch.channels_last)
         ddp_case("DDP float64", uneven)
         if WORLD > 1:
             error_cases()

@@ -23,10 +23,10 @@ def _csv(choices: tuple, what: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from fastbn._warmup import DTYPES, KERNEL_FLAGS, LAYOUTS
+    from fastbn._warmup import DTYPES, HALF_DTYPES, KERNEL_FLAGS, LAYOUTS
 
-    p.add_argument("--dtypes", type=_csv(DTYPES, "--dtypes"), default=DTYPES,
-                   help="dtypes to compile for (default: float32,float64)")
+    p.add_argument("--dtypes", type=_csv(DTYPES + HALF_DTYPES, "--dtypes"), default=DTYPES,
+                   help="dtypes to compile for (default: float32,float64; also float16, bfloat16)")
     p.add_argument("--kernels", type=_csv(tuple(KERNEL_FLAGS) + ("numba-api",), "--kernels"),
                    default=tuple(KERNEL_FLAGS) + ("numba-api",),
                    help="kernels (default: all, and numba-api: the fastbn.kernels wrappers for Numba code)")

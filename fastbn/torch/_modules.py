@@ -41,8 +41,8 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
-    """A half tensor's NumPy view: float16 as float16, bfloat16 (which NumPy lacks) as the int16 array of
-    its bits, which fastbn's kernels read as bfloat16 (``fastbn._run._bits``)."""
+    """A tensor's NumPy view; bfloat16 (which NumPy lacks) as the int16 array of its bits, which fastbn's
+    kernels read as bfloat16 (``fastbn._run._bits``)."""
     t = t.detach()
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
@@ -54,6 +54,7 @@ def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _f64(t: torch.Tensor | None, C: int, fill: float) -> np.ndarray:
+    """A per-channel tensor as a float64 array (``fill`` where it is None)."""
     return np.full(C, fill) if t is None else t.detach().to(torch.float64).numpy()
 
 

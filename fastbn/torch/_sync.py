@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from fastbn import _run
 from fastbn.stats import merge_stats
-from fastbn.torch._modules import _DTYPES, _FastBatchNormMixin
+from fastbn.torch._modules import _DTYPES, _HALF, _FastBatchNormMixin, _bits, _f64
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -45,14 +45,15 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 
 
 def _view3(t: torch.Tensor, fmt: torch.memory_format) -> np.ndarray:
-    """The (A, C, B) C-contiguous NumPy view the kernels take: (N, C, rest) or, channels-last, (N*rest, C, 1)."""
+    """The (A, C, B) C-contiguous NumPy view the kernels take: (N, C, rest) or, channels-last, (N*rest, C, 1)
+    (bfloat16 as the int16 array of its bits, see ``_modules._bits``)."""
     a = t.detach()
     N, C = a.shape[:2]
     rest = int(np.prod(a.shape[2:], dtype=np.int64))  # explicit: reshape(-1) is ambiguous with N == 0
     if fmt is torch.contiguous_format:
-        return a.numpy().reshape(N, C, rest)
+        return _bits(a).reshape(N, C, rest)
     perm = (0,) + tuple(range(2, a.dim())) + (1,)
-    return a.permute(perm).numpy().reshape(N * rest, C, 1)
+    return _bits(a.permute(perm)).reshape(N * rest, C, 1)
 
 
 def _exchange(group: Any, what: str, op: int, error: BaseException | None, C: int, count: int,
@@ -86,10 +87,6 @@ def _exchange(group: Any, what: str, op: int, error: BaseException | None, C: in
     return h[:, 2].astype(np.float64), torch.stack(parts).numpy()
 
 
-def _vec(t: torch.Tensor | None, C: int, fill: float) -> np.ndarray:
-    return np.full(C, fill) if t is None else t.detach().to(torch.float64).numpy()
-
-
 class _SyncBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, C):
@@ -103,10 +100,13 @@ class _SyncBatchNormFn(torch.autograd.Function):
             if x.shape[1] != C:
                 raise ValueError(f"the input has {x.shape[1]} channels (shape {tuple(x.shape)}); this "
                                  f"SyncBatchNorm has num_features={C}")
-            if x.device.type != "cpu" or x.dtype not in _DTYPES or x.layout != torch.strided:
-                raise TypeError(f"expected a float32/float64 strided CPU tensor, got {x.dtype} on {x.device}")
+            if x.device.type != "cpu" or x.dtype not in _DTYPES + _HALF or x.layout != torch.strided:
+                raise TypeError("expected a float32/float64/float16/bfloat16 strided CPU tensor, got "
+                                f"{x.dtype} on {x.device}")
+            # half inputs: parameters and buffers in float32 or in the input's dtype (as _modules takes them)
+            allowed = (x.dtype, torch.float32) if x.dtype in _HALF else (x.dtype,)
             for name, t in (("weight", weight), ("running_mean", running_mean)):
-                if t is not None and t.dtype != x.dtype:
+                if t is not None and t.dtype not in allowed:
                     raise TypeError(f"the input is {x.dtype} but {name} is {t.dtype}")
             fmt = _memory_format(x)
             if fmt is torch.contiguous_format:
@@ -129,8 +129,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
         var = total.m2 / n
         invstd = 1.0 / np.sqrt(var + eps)
         if n_local:
-            scale = invstd * _vec(weight, C, 1.0)
-            _run.normalize(x3, None, y3, mean, scale, scale, _vec(bias, C, 0.0), 0.0, False)
+            scale = invstd * _f64(weight, C, 1.0)
+            _run.normalize(x3, None, y3, mean, scale, scale, _f64(bias, C, 0.0), 0.0, False)
         if running_mean is not None:  # float64 arithmetic, stored in the buffers' dtype
             with torch.no_grad():
                 for buf, new in ((running_mean, mean), (running_var, var * (n / (n - 1.0)))):
@@ -165,12 +165,13 @@ class _SyncBatchNormFn(torch.autograd.Function):
             sum_dy += g[p, 0]
             dot += g[p, 1]
         if x3.size:
-            k_dy = _vec(weight, C, 1.0) * invstd
+            k_dy = _f64(weight, C, 1.0) * invstd
             _run.input_grad(dy3, x3, None, dx3, None,
                             np.stack([mean, k_dy, -k_dy * invstd * invstd * dot / n, -k_dy * sum_dy / n]))
         need = ctx.needs_input_grad
-        dw = torch.from_numpy(local[1] * invstd).to(x.dtype) if need[1] else None
-        db = torch.from_numpy(local[0]).to(x.dtype) if need[2] else None
+        pdt = x.dtype if weight is None else weight.dtype
+        dw = torch.from_numpy(local[1] * invstd).to(pdt) if need[1] else None
+        db = torch.from_numpy(local[0]).to(pdt) if need[2] else None
         return (dx if need[0] else None), dw, db, None, None, None, None, None, None
 
 
@@ -188,7 +189,8 @@ class SyncBatchNorm(_FastBatchNormMixin, nn.SyncBatchNorm):
     a world of one, or an uninitialized ``torch.distributed`` behave as :class:`fastbn.torch.BatchNorm2d`
     & co. (no communication). CUDA tensors run torch's own SyncBatchNorm.
 
-    Input: (N, C, *) float32/float64 CPU tensor (channels_last / channels_last_3d used without a copy).
+    Input: (N, C, *) float32/float64 CPU tensor (channels_last / channels_last_3d used without a copy), or
+    float16/bfloat16 with float32 (or the input's dtype) parameters and buffers.
     An invalid input on one rank raises on every rank (see the module docstring).
 
     Example (``torchrun --nproc_per_node 2 script.py``)::
