@@ -270,8 +270,9 @@ def sync_batch_norm_train(x, gamma, beta, comm, *, axis: int = 1, eps: float = 1
 
     Parameters
     ----------
-    x : this rank's slice, float32 or float64, channel dimension at ``axis``; batch sizes may differ
-        between ranks and may be 0 (e.g. shape ``(0, C, H, W)``). C must be the same on every rank.
+    x : this rank's slice, float32 or float64 (or float16/bfloat16), channel dimension at ``axis``; batch
+        sizes may differ between ranks and may be 0 (e.g. shape ``(0, C, H, W)``). C must be the same on
+        every rank.
     gamma, beta : (C,) float arrays or None (1 and 0); the same on every rank (not checked).
     comm : mpi4py intracommunicator (see :func:`check_comm`).
     axis, eps, momentum, out : as in :func:`fastbn.batch_norm_train`.

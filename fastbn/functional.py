@@ -1,10 +1,10 @@
 """The functional API: validate, move the channel axis into the kernels' (A, C, B) layout, dispatch.
 
-All functions take NumPy arrays of float32 or float64 with the channel dimension at ``axis`` (default 1,
-channels-first; use ``axis=-1`` for channels-last and dense (N, C) inputs with ``axis=1``). Arrays of any
-memory layout work; a layout that is a permutation of C order (channels-last views, Fortran order,
-transposes) is used without a copy, other strided views are copied once. Results keep x's memory layout.
-Per-channel results (mean, invstd, dgamma, dbeta) are float64.
+All functions take NumPy arrays of float32 or float64 (or float16/bfloat16, below) with the channel
+dimension at ``axis`` (default 1, channels-first; use ``axis=-1`` for channels-last and dense (N, C)
+inputs with ``axis=1``). Arrays of any memory layout work; a layout that is a permutation of C order
+(channels-last views, Fortran order, transposes) is used without a copy, other strided views are copied
+once. Results keep x's memory layout. Per-channel results (mean, invstd, dgamma, dbeta) are float64.
 
 float16 and bfloat16 (``ml_dtypes.bfloat16``) arrays are taken too, wherever float32 is: computed in
 float32 with float64 statistics, each result rounded once to the input's dtype (bit for bit the float32
@@ -111,7 +111,8 @@ def batch_norm_infer(x, running_mean, running_var, gamma=None, beta=None, *, axi
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, channel dimension at ``axis`` (see :func:`batch_norm_train`).
+    x : ndarray, float32 or float64 (or float16/bfloat16), channel dimension at ``axis`` (see
+        :func:`batch_norm_train`).
     running_mean, running_var : (C,) float arrays (any float dtype).
     gamma, beta : (C,) float arrays or None (1 and 0).
     axis, eps : as in :func:`batch_norm_train`.
@@ -162,7 +163,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis: int = 1, out: 
     Parameters
     ----------
     dy : gradient of the loss w.r.t. y, x's shape and dtype.
-    x : the forward's input, float32 or float64.
+    x : the forward's input, float32 or float64 (or float16/bfloat16).
     mean, invstd : (C,) arrays, as returned by :func:`batch_norm_train` (or running_mean and
         1/sqrt(running_var + eps) with ``frozen=True``).
     gamma : (C,) or None (1).

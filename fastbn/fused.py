@@ -135,7 +135,8 @@ def batch_norm_relu_train(x, gamma=None, beta=None, *, residual=None, axis: int 
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, channel dimension at ``axis`` (at least 2 values per channel).
+    x : ndarray, float32 or float64 (or float16/bfloat16), channel dimension at ``axis`` (at least 2
+        values per channel).
     gamma, beta : (C,) float arrays or None (1 and 0).
     residual : optional array of x's shape and dtype added before the ReLU (BN + add + ReLU, as in a
         ResNet block). Any memory layout (one laid out unlike x is copied once).
@@ -181,7 +182,7 @@ def batch_norm_relu_infer(x, running_mean, running_var, gamma=None, beta=None, *
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, channel dimension at ``axis``.
+    x : ndarray, float32 or float64 (or float16/bfloat16), channel dimension at ``axis``.
     running_mean, running_var, gamma, beta : (C,) float arrays (gamma/beta None: 1 and 0).
     residual : optional array of x's shape and dtype added before the ReLU.
     axis, eps : as in :func:`fastbn.batch_norm_infer`.

@@ -120,9 +120,9 @@ def precise_statistics(batches: Iterable, *, axis: int = 1, unbiased: bool = Fal
 
     Parameters
     ----------
-    batches : iterable of arrays (float32/float64, at least 2 dims, e.g. a data loader's outputs or a
-        generator), channel dimension at ``axis``; the number of channels must agree. Other dimensions
-        (batch size, spatial size) may differ between batches.
+    batches : iterable of arrays (float32/float64/float16/bfloat16, at least 2 dims, e.g. a data loader's
+        outputs or a generator), channel dimension at ``axis``; the number of channels must agree. Other
+        dimensions (batch size, spatial size) may differ between batches.
     axis : the channel axis (1 for NCHW and (N, C), -1 for NHWC).
     unbiased : return the unbiased variance ``M2 / (n - 1)`` instead of the population ``M2 / n``.
     comm : optional mpi4py communicator (collective): merge every rank's statistics in rank order, so

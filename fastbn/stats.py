@@ -91,7 +91,7 @@ def partial_stats(x, *, axis: int = 1) -> Stats:
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, at least 2 dims, channel dimension at ``axis``.
+    x : ndarray, float32 or float64 (or float16/bfloat16), at least 2 dims, channel dimension at ``axis``.
     axis : the channel axis (negative allowed): 1 for NCHW and dense (N, C), -1 for NHWC.
 
     Returns

@@ -29,7 +29,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
 OPTIONAL = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript",
-            "mpi4py": "mpi4py", "matplotlib": "matplotlib"}
+            "mpi4py": "mpi4py", "matplotlib": "matplotlib", "ml_dtypes": "ml_dtypes"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.S | re.M)
 
 

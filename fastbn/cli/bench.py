@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", action="append", choices=["train", "infer", "backward"],
                    help="only these kernels (repeatable)")
     p.add_argument("--layout", action="append", choices=["NCHW", "NHWC", "NC"], help="only these layouts")
-    p.add_argument("--dtype", action="append", choices=["float32", "float64"], help="only these dtypes")
+    p.add_argument("--dtype", action="append", choices=["float32", "float64", "float16", "bfloat16"],
+                   help="only these dtypes (bfloat16: with ml_dtypes installed)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a chart (needs matplotlib: the bench extra)")
     p.add_argument("--under-load", action="store_true",
