@@ -63,3 +63,38 @@ class InferForward(_KernelBench):
 class Backward(_KernelBench):
     cases = _by_param("backward")
     params = [list(cases)]
+
+
+class KernelForKernel:
+    """fastbn against PyTorch kernel for kernel, and against the physical bound, as asv ``track_``
+    figures: each measured by ``fastbn.bench.bench_case`` (15 interleaved rounds of fastbn with ``out=``,
+    PyTorch's faster of its ``.out`` and allocating kernels on the same memory, and the bound's copies)
+    in one run, so the ratio is steadier than two separately timed ``time_`` results. Skipped (n/a)
+    without torch for the ratio. One parameter: ``kernel-layout-shape-dtype``, exactly the registry's
+    cases."""
+
+    param_names = ["case"]
+    params = [[c.id for c in bench_cases()]]
+    timeout = 900
+    unit = "x"
+
+    def setup_cache(self) -> dict:
+        from fastbn.bench import bench_case, have_torch
+
+        with_torch = have_torch()
+        out = {}
+        for c in bench_cases():
+            r = bench_case(c, repeat=15, with_torch=with_torch)
+            out[c.id] = (r.kernel_speedup.value if r.kernel_speedup else None, r.efficiency)
+        return out
+
+    def track_speedup_vs_torch(self, results: dict, case: str) -> float:
+        """PyTorch's kernel time / fastbn's (out=), median of per-round ratios: above 1 is faster."""
+        speedup = results[case][0]
+        if speedup is None:
+            raise NotImplementedError("torch is not installed")
+        return speedup
+
+    def track_bound_efficiency(self, results: dict, case: str) -> float:
+        """The physical bound's time / fastbn's (out=): 1.0 is the fastest way to move the bytes."""
+        return results[case][1]

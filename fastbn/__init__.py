@@ -11,6 +11,18 @@ Public API (NumPy arrays in and out; see the README for examples):
 
 ``import fastbn`` imports numpy and numba only and compiles nothing: names are resolved on first access
 (PEP 562), and kernels compile (or load from Numba's on-disk cache) on their first call.
+
+Example
+-------
+>>> import numpy as np, fastbn
+>>> x = np.random.default_rng(0).normal(3.0, 2.0, (16, 4, 8, 8)).astype(np.float32)  # (N, C, H, W)
+>>> rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)     # running statistics, updated in place
+>>> y, mean, invstd = fastbn.batch_norm_train(x, running_mean=rm, running_var=rv)
+>>> y.shape, y.dtype.name, mean.shape, mean.dtype.name           # y like x; statistics float64 (C,)
+((16, 4, 8, 8), 'float32', (4,), 'float64')
+>>> y_eval = fastbn.batch_norm_infer(x, rm, rv)                  # inference: the running statistics
+>>> round(float(abs(y.mean())), 4), y_eval.dtype.name
+(0.0, 'float32')
 """
 from __future__ import annotations
 

@@ -47,7 +47,14 @@ SUSPECT_EFFICIENCY = 1.05
 
 @dataclass
 class Stat:
-    """Median (ms) and spread (interquartile range / median) of one figure."""
+    """Median (ms) and spread (interquartile range / median) of one figure.
+
+    Example
+    -------
+    >>> from fastbn.bench import Stat
+    >>> Stat.of([0.001, 0.002, 0.004])                 # seconds per round in, milliseconds out
+    Stat(ms=2.0, spread=0.75)
+    """
 
     ms: float
     spread: float
@@ -62,7 +69,16 @@ class Stat:
 
 @dataclass
 class Ratio:
-    """Median of per-round ratios and their spread."""
+    """Median of per-round ratios and their spread.
+
+    Example
+    -------
+    Round 3 ran slower on both sides (the machine was busy); its ratio is unchanged:
+
+    >>> from fastbn.bench import Ratio
+    >>> Ratio.of([2.0, 2.0, 6.0], [1.0, 1.0, 3.0])     # e.g. PyTorch's seconds over fastbn's
+    Ratio(value=2.0, spread=0.0)
+    """
 
     value: float
     spread: float
@@ -77,6 +93,22 @@ class Ratio:
 
 @dataclass
 class Result:
+    """One case's figures (:func:`bench_case`): the case (``case`` id, ``kernel``, ``layout``, logical
+    ``shape``, ``dtype``, ``mib`` of x), fastbn with ``out=`` and allocating, the physical ``bound`` (and
+    which runners made it, ``bound_parts``), ``efficiency`` (bound time / fastbn time); with PyTorch, its
+    kernel (``torch_kernel``, in the faster ``torch_kernel_form``, "out" or "alloc"), its API and the
+    speed-ups (None without PyTorch); ``targets``, as :func:`check_targets` returns them. Times are
+    :class:`Stat` (ms), speed-ups :class:`Ratio`.
+
+    Example
+    -------
+    >>> from fastbn.bench import Stat, bench_case
+    >>> from fastbn.cases import Case
+    >>> r = bench_case(Case("train", "NCHW", (4, 8, 4, 4), "float32"), repeat=3, with_torch=False)
+    >>> r.case, r.shape, round(r.mib, 4), isinstance(r.fastbn_out, Stat), r.kernel_speedup
+    ('train-NCHW-4x8x4x4-float32', (4, 8, 4, 4), 0.002, True, None)
+    """
+
     case: str
     kernel: str
     layout: str
@@ -97,6 +129,15 @@ class Result:
 
 
 def have_torch() -> bool:
+    """Whether PyTorch can be imported (the comparison columns need it).
+
+    Example
+    -------
+    >>> import importlib.util
+    >>> from fastbn.bench import have_torch
+    >>> have_torch() == (importlib.util.find_spec("torch") is not None)
+    True
+    """
     try:
         import torch  # noqa: F401
         return True
@@ -140,7 +181,20 @@ def _bound_runners(case: Case, inp: dict, with_torch: bool) -> tuple[dict, dict]
 
 def time_rounds(fns: dict[str, Callable], repeat: int, warmup: int = 2) -> dict[str, list[float]]:
     """Seconds of each callable over ``repeat`` rounds; every callable runs once per round, the order
-    rotating from round to round (a fixed order lets one contender always run on a warm cache)."""
+    rotating from round to round (a fixed order lets one contender always run on a warm cache).
+
+    Returns ``{name: [seconds of round 0, round 1, ...]}``, after ``warmup`` untimed calls of each.
+
+    Example
+    -------
+    >>> from fastbn.bench import time_rounds
+    >>> calls = []
+    >>> t = time_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeat=3, warmup=1)
+    >>> {name: len(seconds) for name, seconds in t.items()}
+    {'a': 3, 'b': 3}
+    >>> "".join(calls)                                 # warm-up "ab", then rounds "ab", "ba", "ab"
+    'ababbaab'
+    """
     for f in fns.values():  # JIT compile or cache load, page faults
         for _ in range(warmup):
             f()
@@ -156,6 +210,22 @@ def time_rounds(fns: dict[str, Callable], repeat: int, warmup: int = 2) -> dict[
 
 
 def bench_case(case: Case, repeat: int, with_torch: bool) -> Result:
+    """Measure one case over ``repeat`` interleaved rounds (see the module docstring): fastbn with
+    ``out=`` and allocating, the physical bound, and PyTorch's kernel and API when ``with_torch``.
+
+    Example
+    -------
+    A tiny case and 3 rounds show the structure; figures need more rounds on a quiet machine:
+
+    >>> from fastbn.bench import bench_case
+    >>> from fastbn.cases import Case
+    >>> r = bench_case(Case("train", "NCHW", (4, 8, 4, 4), "float32"), repeat=3, with_torch=False)
+    >>> r.fastbn_out.ms > 0, r.torch_kernel is None, sorted(r.bound_parts)
+    (True, True, ['write'])
+    >>> got, need, status = r.targets["tiny_us"]       # the tiny shape's latency target (us)
+    >>> need, status in ("ok", "MISS", "suspect")
+    (15.0, True)
+    """
     inp = case.make_inputs()
     fns = {"out": case.runner(inp, use_out=True), "alloc": case.runner(inp, use_out=False)}
     write, reads = _bound_runners(case, inp, with_torch)
@@ -194,6 +264,18 @@ def _status(ok: bool, suspect: bool) -> str:
 
 
 def speedup_target(case: Case) -> float:
+    """The speed-up over PyTorch's kernel ``case`` must reach (kernel for kernel); float16 and bfloat16
+    cases against PyTorch's kernel on the same dtype.
+
+    Example
+    -------
+    >>> from fastbn.bench import speedup_target
+    >>> from fastbn.cases import Case
+    >>> speedup_target(Case("train", "NCHW", (32, 64, 56, 56), "float32"))
+    3.0
+    >>> speedup_target(Case("train", "NCHW", (64, 128, 56, 56), "float16"))
+    1.0
+    """
     if case.half:
         return HALF_SPEEDUP
     if case.kernel == "infer" and case.shape in OUT_OF_L3_SHAPES:
@@ -205,7 +287,24 @@ def speedup_target(case: Case) -> float:
 
 def check_targets(case: Case, r: Result) -> dict:
     """{target: (achieved, required, status)}; status is "ok", "MISS" or "suspect" (noisy, or faster
-    than the physical bound)."""
+    than the physical bound).
+
+    Example
+    -------
+    Made-up figures: a 3.5x speed-up where NCHW training must reach 3x, measured cleanly, then noisily:
+
+    >>> from fastbn.bench import Ratio, Result, Stat, check_targets
+    >>> from fastbn.cases import Case
+    >>> case = Case("train", "NCHW", (32, 64, 56, 56), "float32")
+    >>> t = Stat(ms=2.0, spread=0.02)
+    >>> r = Result(case.id, case.kernel, case.layout, case.shape, case.dtype, 24.5, t, t, Stat(1.2, 0.01),
+    ...            {"write": "copy"}, 0.6, kernel_speedup=Ratio(3.5, 0.03))
+    >>> check_targets(case, r)
+    {'vs_torch': (3.5, 3.0, 'ok')}
+    >>> r.kernel_speedup = Ratio(3.5, 0.25)             # spread above SUSPECT_SPREAD: never a met target
+    >>> check_targets(case, r)
+    {'vs_torch': (3.5, 3.0, 'suspect')}
+    """
     out = {}
     noisy_fastbn = r.fastbn_out.spread > SUSPECT_SPREAD
     if r.kernel_speedup is not None:
@@ -225,7 +324,18 @@ def check_targets(case: Case, r: Result) -> dict:
 
 def latency_under_load(cases: list[Case], calls: int, with_torch: bool) -> list[dict]:
     """p50/p90 latency of fastbn (``out=``) and PyTorch's kernel with one competing CPU-bound process on
-    the machine (a busy loop started here and stopped at the end)."""
+    the machine (a busy loop started here and stopped at the end).
+
+    Returns one dict per case: ``{"case": id, "fastbn": {"p50": ms, "p90": ms}}`` (and ``"torch"``).
+
+    Example
+    -------
+    >>> from fastbn.bench import latency_under_load
+    >>> from fastbn.cases import Case
+    >>> rows = latency_under_load([Case("train", "NCHW", (4, 8, 4, 4), "float32")], calls=5, with_torch=False)
+    >>> rows[0]["case"], sorted(rows[0]["fastbn"])
+    ('train-NCHW-4x8x4x4-float32', ['p50', 'p90'])
+    """
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     rows = []
     try:
@@ -253,6 +363,16 @@ def peak_memory_growth(case: Case, calls: int = 100) -> dict:
 
     ``traced``: tracemalloc's peak above the starting point (NumPy's allocations are traced: an
     allocating call shows one output, a flat ``out=`` call ~0). ``rss``: growth of the process's peak RSS.
+
+    Returns ``{"out": {"traced": MiB, "rss": MiB}, "alloc": {...}}``, or ``{"error": message}``.
+
+    Example
+    -------
+    >>> from fastbn.bench import peak_memory_growth
+    >>> from fastbn.cases import Case
+    >>> m = peak_memory_growth(Case("train", "NCHW", (4, 8, 4, 4), "float32"), calls=3)
+    >>> sorted(m), sorted(m["out"])
+    (['alloc', 'out'], ['rss', 'traced'])
     """
     code = (
         "import resource, json, tracemalloc\n"
@@ -277,7 +397,19 @@ def peak_memory_growth(case: Case, calls: int = 100) -> dict:
 
 
 def thread_scaling(cases: list[Case], max_threads: int, repeat: int) -> list[dict]:
-    """fastbn (out=) median ms at 1..max_threads threads for each case."""
+    """fastbn (out=) median ms at 1..max_threads threads for each case.
+
+    Returns one dict per case: ``{"case": id, "ms": {threads: median ms}}``. Numba's thread count is
+    restored afterwards.
+
+    Example
+    -------
+    >>> from fastbn.bench import thread_scaling
+    >>> from fastbn.cases import Case
+    >>> rows = thread_scaling([Case("train", "NCHW", (4, 8, 4, 4), "float32")], max_threads=1, repeat=3)
+    >>> rows[0]["case"], list(rows[0]["ms"])
+    ('train-NCHW-4x8x4x4-float32', [1])
+    """
     import numba
 
     rows = []
@@ -297,6 +429,16 @@ def thread_scaling(cases: list[Case], max_threads: int, repeat: int) -> list[dic
 
 
 def environment() -> dict:
+    """What a benchmark ran on: :func:`fastbn.cli.info.collect` (versions, threading layer, threads,
+    CPU) plus the Python version and, when installed, PyTorch's version and thread count.
+
+    Example
+    -------
+    >>> from fastbn.bench import environment
+    >>> env = environment()
+    >>> {"fastbn", "numba", "numpy", "python", "cpu", "num_threads"} <= set(env)
+    True
+    """
     from fastbn.cli.info import collect
 
     env = collect()
@@ -309,6 +451,21 @@ def environment() -> dict:
 
 
 def to_json(path: str, results: list[Result], extra: dict) -> None:
+    """Write ``{"results": [each Result as a dict], **extra}`` to ``path`` as JSON.
+
+    Example
+    -------
+    >>> import json, os, tempfile
+    >>> from fastbn.bench import bench_case, to_json
+    >>> from fastbn.cases import Case
+    >>> r = bench_case(Case("train", "NCHW", (4, 8, 4, 4), "float32"), repeat=3, with_torch=False)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     to_json(os.path.join(d, "bench.json"), [r], {"threads": 1})
+    ...     with open(os.path.join(d, "bench.json")) as f:
+    ...         saved = json.load(f)
+    >>> saved["threads"], saved["results"][0]["shape"], sorted(saved["results"][0]["fastbn_out"])
+    (1, [4, 8, 4, 4], ['ms', 'spread'])
+    """
     with open(path, "w") as f:
         json.dump({"results": [asdict(r) for r in results], **extra}, f, indent=1, default=str)
 

@@ -37,7 +37,14 @@ HALF_SHAPES = {OUT_OF_L3_SHAPE, (8, 256, 14, 14)}
 
 
 def np_dtype(name: str) -> np.dtype:
-    """The NumPy dtype of a case's dtype name (bfloat16: ``ml_dtypes.bfloat16``, imported here only)."""
+    """The NumPy dtype of a case's dtype name (bfloat16: ``ml_dtypes.bfloat16``, imported here only).
+
+    Example
+    -------
+    >>> from fastbn.cases import np_dtype
+    >>> np_dtype("float16"), np_dtype("float16").itemsize
+    (dtype('float16'), 2)
+    """
     if name == "bfloat16":
         import ml_dtypes
 
@@ -46,12 +53,40 @@ def np_dtype(name: str) -> np.dtype:
 
 
 def have_bfloat16() -> bool:
-    """Whether bfloat16 NumPy arrays can be made here (``ml_dtypes``: ``pip install "fastbn[bf16]"``)."""
+    """Whether bfloat16 NumPy arrays can be made here (``ml_dtypes``: ``pip install "fastbn[bf16]"``).
+
+    Example
+    -------
+    >>> import importlib.util
+    >>> from fastbn.cases import have_bfloat16
+    >>> have_bfloat16() == (importlib.util.find_spec("ml_dtypes") is not None)
+    True
+    """
     return importlib.util.find_spec("ml_dtypes") is not None
 
 
 @dataclass(frozen=True)
 class Case:
+    """One benchmark or test case: ``kernel`` ("train", "infer" or "backward"), ``layout`` ("NCHW":
+    channels-first, axis=1; "NHWC": channels-last, axis=-1; "NC": dense), the logical ``shape``
+    (N, C, *spatial) whatever the layout, and the ``dtype`` name ("float32", "float64", "float16" or
+    "bfloat16": ml_dtypes' NumPy arrays, 2 bytes a value, computed in float32).
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from fastbn.cases import Case
+    >>> c = Case("train", "NHWC", (4, 8, 4, 4), "float32")      # stored channels-last: (N, H, W, C)
+    >>> c.id, c.array_shape, c.axis, c.kernel_shape, c.min_bytes
+    ('train-NHWC-4x8x4x4-float32', (4, 4, 4, 8), -1, (64, 8, 1), 4096)
+    >>> inp = c.make_inputs()                                   # deterministic (seed 0)
+    >>> inp["x"].shape, inp["x"].dtype.name, inp["gamma"].shape, inp["gamma"].dtype.name
+    ((4, 4, 4, 8), 'float32', (8,), 'float64')
+    >>> y = c.runner(inp, use_out=True)().y                     # fastbn, writing into inp["out"]
+    >>> y is inp["out"], bool(np.allclose(y, c.numpy_runner(inp)(), atol=1e-5))
+    (True, True)
+    """
+
     kernel: str
     layout: str
     shape: tuple  # logical (N, C, *spatial)
@@ -257,7 +292,18 @@ class Case:
 
 def bench_cases(*, quick: bool = False, kernels=KERNELS, layouts=LAYOUTS) -> list[Case]:
     """The benchmark matrix: every kernel x layout x shape in float32, float64 on FLOAT64_SHAPES,
-    float16 and bfloat16 (when ml_dtypes is installed) on HALF_SHAPES."""
+    float16 and bfloat16 (when ml_dtypes is installed) on HALF_SHAPES.
+
+    ``quick``: only the shapes in QUICK_SHAPES; ``kernels``, ``layouts``: tuples of names to keep.
+
+    Example
+    -------
+    >>> from fastbn.cases import bench_cases
+    >>> [c.id for c in bench_cases(quick=True, kernels=("train",), layouts=("NC",))]
+    ['train-NC-256x1024-float32', 'train-NC-256x1024-float64']
+    >>> [c.id for c in bench_cases(kernels=("infer",), layouts=("NCHW",)) if c.dtype == "float16"]
+    ['infer-NCHW-64x128x56x56-float16', 'infer-NCHW-8x256x14x14-float16']
+    """
     dtypes = ("float32", "float64", "float16") + (("bfloat16",) if have_bfloat16() else ())
     cases = []
     for kernel in kernels:
@@ -275,7 +321,17 @@ def bench_cases(*, quick: bool = False, kernels=KERNELS, layouts=LAYOUTS) -> lis
 
 
 def test_cases() -> list[Case]:
-    """Small cases with the same kernels, layouts and dtypes (and 1-D/3-D spatial), for the unit tests."""
+    """Small cases with the same kernels, layouts and dtypes (and 1-D/3-D spatial), for the unit tests.
+
+    Example
+    -------
+    >>> from fastbn.cases import test_cases
+    >>> cases = test_cases()
+    >>> sorted({c.kernel for c in cases}), sorted({c.layout for c in cases}), sorted({c.dtype for c in cases})
+    (['backward', 'infer', 'train'], ['NC', 'NCHW', 'NHWC'], ['float32', 'float64'])
+    >>> sorted({len(c.shape) for c in cases})                   # (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W)
+    [2, 3, 4, 5]
+    """
     shapes = {
         # (3000, 24), (64, 4, 300) and (20, 16, 2000) span several reduction chunks; (64, 4, 300)
         # channels-first takes the split-channel path (C < 16)

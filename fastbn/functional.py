@@ -26,7 +26,26 @@ __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch
            "TrainStats", "BackwardResult"]
 
 class TrainStats(NamedTuple):
-    """Result of :func:`batch_norm_train`: y (x's shape and dtype), mean and invstd (float64, (C,))."""
+    """Result of :func:`batch_norm_train` (and :func:`fastbn.batch_norm_relu_train`), a named tuple.
+
+    - ``y``: the output, x's shape, dtype (float32 or float64) and memory layout;
+    - ``mean``: float64 (C,), each channel's batch mean;
+    - ``invstd``: float64 (C,), ``1 / sqrt(var + eps)`` with the biased batch variance ``var``.
+
+    ``mean`` and ``invstd`` are what :func:`batch_norm_backward` takes.
+
+    Example
+    -------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (16, 4, 8, 8)).astype(np.float32)  # (N, C, H, W)
+    >>> st = fastbn.batch_norm_train(x)
+    >>> st.y.shape, st.y.dtype.name, st.mean.shape, st.mean.dtype.name, st.invstd.dtype.name
+    ((16, 4, 8, 8), 'float32', (4,), 'float64', 'float64')
+    >>> x64, red = x.astype(np.float64), (0, 2, 3)                      # every axis but the channels'
+    >>> bool(np.allclose(st.mean, x64.mean(red))), bool(np.allclose(st.invstd, 1 / np.sqrt(x64.var(red) + 1e-5)))
+    (True, True)
+    >>> y, mean, invstd = st                                      # unpacks like a tuple
+    """
 
     y: np.ndarray
     mean: np.ndarray
@@ -34,7 +53,24 @@ class TrainStats(NamedTuple):
 
 
 class BackwardResult(NamedTuple):
-    """Result of :func:`batch_norm_backward`: dx (x's shape and dtype), dgamma and dbeta (float64, (C,))."""
+    """Result of :func:`batch_norm_backward` and :func:`batch_norm_backward_frozen`, a named tuple.
+
+    - ``dx``: the gradient w.r.t. x, x's shape, dtype (float32 or float64) and memory layout;
+    - ``dgamma``: float64 (C,), ``sum(dy * xhat)`` per channel;
+    - ``dbeta``: float64 (C,), ``sum(dy)`` per channel.
+
+    Example
+    -------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(size=(8, 3, 5))              # (N, C, L) float64
+    >>> dy = np.random.default_rng(1).normal(size=x.shape)
+    >>> y, mean, invstd = fastbn.batch_norm_train(x)                    # gamma 1, beta 0: y is xhat
+    >>> g = fastbn.batch_norm_backward(dy, x, mean, invstd)
+    >>> g.dx.shape, g.dx.dtype.name, g.dgamma.shape, g.dbeta.dtype.name
+    ((8, 3, 5), 'float64', (3,), 'float64')
+    >>> bool(np.allclose(g.dbeta, dy.sum(axis=(0, 2)))), bool(np.allclose(g.dgamma, (dy * y).sum(axis=(0, 2))))
+    (True, True)
+    """
 
     dx: np.ndarray
     dgamma: np.ndarray

@@ -25,10 +25,21 @@ __all__ = ["batch_norm_relu_train", "batch_norm_relu_infer", "batch_norm_relu_ba
 
 
 class ReluBackwardResult(NamedTuple):
-    """Result of :func:`batch_norm_relu_backward`.
+    """Result of :func:`batch_norm_relu_backward`, a named tuple.
 
     dx (x's shape, dtype and layout), dgamma and dbeta (float64, (C,)), dresidual (the residual's
     gradient ``dy * (y > 0)``, x's shape and dtype; None unless requested).
+
+    Example
+    -------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(size=(16, 3, 4))             # (N, C, L) float64
+    >>> y, mean, invstd = fastbn.batch_norm_relu_train(x)
+    >>> r = fastbn.batch_norm_relu_backward(np.ones_like(x), x, y, mean, invstd, residual=True)
+    >>> r.dx.shape, r.dgamma.shape, r.dbeta.dtype.name, r.dresidual.shape, r.dresidual.dtype.name
+    ((16, 3, 4), (3,), 'float64', (16, 3, 4), 'float64')
+    >>> bool(np.array_equal(r.dbeta, (y > 0).sum(axis=(0, 2))))         # dy = 1: dbeta counts the unmasked
+    True
     """
 
     dx: np.ndarray

@@ -42,7 +42,19 @@ _TWO_GB = 2**31
 
 @dataclass(frozen=True)
 class FoldEntry:
-    """One BatchNormalization node: its name, the neighbour considered (name and op) and why."""
+    """One BatchNormalization node: its name, the neighbour considered (name and op) and why.
+
+    ``bn`` and ``neighbour`` are node names (``<OpType -> first output>`` for an unnamed node);
+    ``neighbour`` and ``neighbour_op`` are None when no neighbour was considered. For a folded BN the
+    neighbour is the layer it went into, with its op after folding (a MatMul becomes a Gemm).
+
+    Example
+    -------
+    >>> from fastbn.onnx import FoldEntry
+    >>> e = FoldEntry("bn1", "conv1", "Conv", "folded into the preceding Conv")
+    >>> e.bn, e.neighbour_op, e.reason
+    ('bn1', 'Conv', 'folded into the preceding Conv')
+    """
     bn: str
     neighbour: str | None
     neighbour_op: str | None
@@ -51,7 +63,32 @@ class FoldEntry:
 
 @dataclass
 class FoldReport:
-    """What :func:`fold_model` did: ``folded`` and ``skipped`` entries plus free-form ``notes``."""
+    """What :func:`fold_model` did: ``folded`` and ``skipped`` entries (lists of :class:`FoldEntry`)
+    plus free-form ``notes`` (list of str); ``str(report)`` lists them.
+
+    Example
+    -------
+    A MatMul + BatchNormalization (folded) and a Relu + BatchNormalization (skipped: nothing to fold into):
+
+    >>> import onnx.parser, fastbn.onnx
+    >>> model = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
+    ... net (float[N, 2] x) => (float[N, 2] y, float[N, 2] z)
+    ... <float[2, 2] w = {1, 2, 3, 4}, float[2] s = {2, 3}, float[2] b = {0.5, -1}, float[2] m = {1, 2},
+    ...  float[2] v = {4, 9}>
+    ... { [fc] h = MatMul(x, w)
+    ...   [bn1] y = BatchNormalization(h, s, b, m, v)
+    ...   [relu] r = Relu(x)
+    ...   [bn2] z = BatchNormalization(r, s, b, m, v) }''')
+    >>> folded, report = fastbn.onnx.fold_model(model)
+    >>> print(report)                                                   # doctest: +ELLIPSIS
+    folded 1 of 2 BatchNormalization node(s)
+      folded  bn1 -> Gemm fc: folded into the preceding Gemm
+      skipped bn2 (Relu relu): preceding node is Relu 'relu', not Conv/ConvTranspose/Gemm/MatMul; ...
+    >>> report.folded[0]
+    FoldEntry(bn='bn1', neighbour='fc', neighbour_op='Gemm', reason='folded into the preceding Gemm')
+    >>> [e.bn for e in report.skipped], report.notes
+    (['bn2'], [])
+    """
     folded: list[FoldEntry] = field(default_factory=list)
     skipped: list[FoldEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -28,6 +28,17 @@ class PopulationStats(NamedTuple):
 
     ``var`` is the biased (population) variance ``mean((x - mean)**2)`` unless ``unbiased=True`` was
     asked for; :attr:`var_unbiased` converts.
+
+    Example
+    -------
+    >>> import numpy as np, fastbn
+    >>> batches = [np.random.default_rng(i).normal(5.0, 2.0, (n, 3, 4, 4)) for i, n in enumerate((7, 12))]
+    >>> s = fastbn.precise_statistics(batches)                          # (N, C, H, W) batches, C = 3
+    >>> s.count, s.mean.shape, s.mean.dtype.name, s.var.shape, s.unbiased     # count: (7 + 12) * 4 * 4
+    (304, (3,), 'float64', (3,), False)
+    >>> allx = np.concatenate(batches)
+    >>> bool(np.allclose(s.var_unbiased, allx.var(axis=(0, 2, 3), ddof=1)))
+    True
     """
 
     mean: np.ndarray

@@ -201,3 +201,44 @@ def test_numba_kernels_agree_bitwise_with_the_functional_api(layout):
     rm, rv = d["b"], np.full(C, 2.0)
     kernels.infer_forward(x3, rm, rv, d["g"], d["b"], 1e-5, y3)
     assert np.array_equal(y3.reshape(x.shape), fastbn.batch_norm_infer(x, rm, rv, d["g"], d["b"], axis=ax))
+
+
+_MISALIGNED_RESIDUAL_OUT = r"""
+import sys
+import numpy as np
+import fastbn
+N, C, H, W = 32, 64, 56, 56     # 25.7 MB float32 outputs: written with streaming stores
+n = N * C * H * W
+def at(off):  # a float32 array of n values at byte offset off within a 64-byte line
+    buf = np.empty(n + 64, np.float32)
+    o = ((off - buf.ctypes.data) % 64) // 4
+    return buf[o:o + n]
+rng = np.random.default_rng(0)
+layout = sys.argv[1]
+shape = (N, C, H, W) if layout == "NCHW" else (N, H, W, C)
+axis = 1 if layout == "NCHW" else 3
+x, dy, r = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+y, mean, invstd = fastbn.batch_norm_relu_train(x, residual=r, axis=axis)[:3]
+ref = fastbn.batch_norm_relu_backward(dy, x, y, mean, invstd, axis=axis, residual=True)
+for off in (4, 16, 36):
+    dx = at(0).reshape(shape)
+    dres = at(off).reshape(shape)
+    res = fastbn.batch_norm_relu_backward(dy, x, y, mean, invstd, axis=axis, out=dx, residual_out=dres)
+    assert res.dx is dx and res.dresidual is dres
+    assert np.array_equal(dx, ref.dx) and np.array_equal(dres, ref.dresidual), off
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_residual_out_misaligned_to_out(layout, tmp_path):
+    """A residual_out at another offset within a 64-byte line than out: dx is written with streaming
+    (vector, aligned) stores, and the residual gradient beside it took them too, at addresses not
+    aligned for them: the process died (SIGSEGV). Run in a subprocess so a crash fails the test."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "misaligned.py"
+    script.write_text(_MISALIGNED_RESIDUAL_OUT)
+    r = subprocess.run([sys.executable, str(script), layout], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

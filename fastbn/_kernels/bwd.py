@@ -14,9 +14,9 @@ from fastbn._jit import choose, choose_by_layout, helper
 from fastbn._kernels.fwd import expand, tile
 from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
-                                  cl_stream_rows, n_chunks, slab_channels, task_range)
+                                  CL_STREAM_SLAB_ELEMS, n_chunks, slab_channels, task_range)
 from fastbn._kernels.reduce import cf_chunk_grad_sums, cf_group_grad_sums, cl_chunk_grad_sums
-from fastbn._kernels.rows import affine_coefficients, grad_rows, grad_run, grad_vec
+from fastbn._kernels.rows import affine_coefficients, grad_rows, grad_run, grad_slabs, grad_vec
 
 # rows of P
 B_MEAN, B_INVSTD, B_GAMMA, B_SUM_DY, B_DOT = range(5)
@@ -155,16 +155,17 @@ def grad_apply_cl(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, w
         r0, r1 = task_range(t, nt, A)
         grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, CS, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d, reverse)
         return
-    # streaming: slabs of R rows, coefficients tiled (see plan.STREAM_RUN_ELEMS); single rows in a window
-    R = cl_stream_rows(C) if CS == C else 1
-    E = np.empty((4, R * C), coef.dtype)
-    tile(coef, C, R, E)
-    s0, s1 = task_range(t, nt, n_chunks(A, R))
-    for j in range(s1 - s0):
-        s = s1 - 1 - j if reverse else s0 + j
-        L = (min(A, (s + 1) * R) - s * R) * C
-        grad_vec(dyf, xf, yf, dxf, df, s * R * CS, E[0, :L], E[1, :L], E[2, :L], E[3, :L], zero, relu, write_d,
-                 stream)
+    r0, r1 = task_range(t, nt, A)
+    if CS != C:  # a channel window: rows are apart, one row at a time
+        for j in range(r1 - r0):
+            r = r1 - 1 - j if reverse else r0 + j
+            grad_vec(dyf, xf, yf, dxf, df, r * CS, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d, stream)
+        return
+    # streaming: line-aligned slabs of the task's contiguous run (rows.grad_slabs)
+    reps = (CL_STREAM_SLAB_ELEMS + C - 1) // C + 1
+    E = np.empty((4, reps * C), coef.dtype)
+    tile(coef, C, reps, E)
+    grad_slabs(dyf, xf, yf, dxf, df, r0 * C, r1 * C, C, E, zero, relu, write_d, reverse)
 
 
 @helper

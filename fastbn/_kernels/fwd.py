@@ -15,9 +15,9 @@ import numpy as np
 from fastbn._jit import choose, choose_by_layout, helper
 from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
-                                  cl_stream_rows, n_chunks, slab_channels, task_range)
+                                  CL_STREAM_SLAB_ELEMS, n_chunks, slab_channels, task_range)
 from fastbn._kernels.reduce import cf_chunk_stats, cf_group_stats, cl_chunk_stats
-from fastbn._kernels.rows import act_rows, act_run, act_vec, affine_coefficients
+from fastbn._kernels.rows import act_rows, act_run, act_slabs, act_vec, affine_coefficients
 
 # rows of P
 GAMMA, BETA, MEAN, VAR, INVSTD, R, D, RN_MEAN, RN_STD, M2 = range(10)
@@ -199,15 +199,18 @@ def affine_cl(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream
         r0, r1 = task_range(t, nt, A)
         act_rows(xf, rf, yf, r0, r1, C, CS, coef[0], coef[1], coef[2], zero, relu, has_res, reverse)
         return
-    # streaming: slabs of R rows, coefficients tiled (see plan.STREAM_RUN_ELEMS); single rows in a window
-    R = cl_stream_rows(C) if CS == C else 1
-    E = np.empty((3, R * C), coef.dtype)
-    tile(coef, C, R, E)
-    s0, s1 = task_range(t, nt, n_chunks(A, R))
-    for j in range(s1 - s0):
-        s = s1 - 1 - j if reverse else s0 + j
-        L = (min(A, (s + 1) * R) - s * R) * C
-        act_vec(xf, rf, yf, s * R * CS, E[0, :L], E[1, :L], E[2, :L], zero, relu, has_res, stream)
+    r0, r1 = task_range(t, nt, A)
+    if CS != C:  # a channel window: rows are apart, one row at a time
+        for j in range(r1 - r0):
+            r = r1 - 1 - j if reverse else r0 + j
+            act_vec(xf, rf, yf, r * CS, coef[0], coef[1], coef[2], zero, relu, has_res, stream)
+        return
+    # streaming: the task's rows are one contiguous run, written in line-aligned slabs (rows.act_slabs)
+    # with the coefficients tiled
+    reps = (CL_STREAM_SLAB_ELEMS + C - 1) // C + 1
+    E = np.empty((3, reps * C), coef.dtype)
+    tile(coef, C, reps, E)
+    act_slabs(xf, rf, yf, r0 * C, r1 * C, C, E, zero, relu, has_res, reverse)
 
 
 @helper

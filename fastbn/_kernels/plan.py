@@ -120,10 +120,18 @@ def cl_block(C):
 STREAM_MIN_BYTES = 16 << 20
 # Streaming stores pay only in long runs: one core writing 102.8 MB in runs of 512 bytes took 27 ms with
 # streaming stores against 10 ms with ordinary ones, in runs of 4 KiB 7.7 against 9.2 ms, in runs of
-# 16 KiB 5.9 against 8.5 ms (aligned runs, no fence between them). So a pass streams only where each
-# call of a writer covers at least STREAM_RUN_ELEMS values: channels-first rows that long, channels-last
-# rows grouped into slabs that long (coefficients tiled); short channels-first rows never stream.
+# 16 KiB 5.9 against 8.5 ms (aligned runs, no fence between them). So a channels-first pass streams only
+# where its rows hold at least STREAM_RUN_ELEMS values (a thread's rows of one channel are far apart);
+# short channels-first rows never stream. Channels-last passes write one contiguous run per task (below).
 STREAM_RUN_ELEMS = 2048
+# Channels-last streaming passes write slabs of whole rows of about this many values, with the
+# coefficients tiled to the slab's length (fwd.affine_cl, bwd.grad_apply_cl). The slabs of a task are
+# consecutive, so the write stream stays contiguous however short each slab is; what the slab length
+# sets is the size of the tiled coefficients, which share L1 with the input. Measured, 2 threads, float32
+# y = (x - M) * K + T over 25.7 MB (C = 64, 128, 512; streaming stores), time per slab length: 128
+# values 1.00 ms, 256 0.76, 512 0.64-0.67, 1024 0.75-0.78, 2048 1.14-1.23 (a plain scalar-coefficient
+# streaming pass: 0.70).
+CL_STREAM_SLAB_ELEMS = 512
 
 
 def streams(A: int, C: int, B: int, nbytes: int) -> bool:
@@ -132,12 +140,6 @@ def streams(A: int, C: int, B: int, nbytes: int) -> bool:
     if nbytes < STREAM_MIN_BYTES:
         return False
     return B == 1 or B >= STREAM_RUN_ELEMS
-
-
-@helper(inline=True)
-def cl_stream_rows(C):
-    """Rows per channels-last slab of a streaming pass (at least STREAM_RUN_ELEMS values)."""
-    return max(1, (STREAM_RUN_ELEMS + C - 1) // C)
 
 
 @helper(inline=True)
@@ -164,10 +166,10 @@ def stream_for(nbytes):
 
 @helper(inline=True)
 def elementwise_units(A, C, B, cl, owned, short, stream):
-    """Work units of an elementwise pass: rows (channels-first long rows), slabs (short rows), rows or,
-    streaming, slabs of rows (channels-last); see fwd.affine_task."""
+    """Work units of an elementwise pass: rows (channels-first long rows, channels-last), slabs (short
+    rows); see fwd.affine_task."""
     if cl:
-        return n_chunks(A, cl_stream_rows(C)) if stream else A
+        return A
     if short:
         return n_chunks(C, slab_channels(B)) * A
     return A * C

@@ -32,6 +32,7 @@ import numpy as np
 from fastbn._jit import helper
 from fastbn._kernels.half import ld, st
 from fastbn._kernels.intrin import STREAM_ALIGN, address, stream_store
+from fastbn._kernels.plan import CL_STREAM_SLAB_ELEMS
 
 
 @helper(inline=True)
@@ -53,6 +54,49 @@ def stream_span(y):
         return 0, 0
     e = h + ((n - h) // per_line) * per_line
     return h, e
+
+
+@helper(inline=True)
+def stream_pieces(y, e0, e1, L):
+    """How a channels-last streaming pass writes y[e0:e1] (a task's rows, contiguous): a head up to the
+    first 64-byte line with ordinary stores, K slabs of L values with streaming stores, the rest of the
+    whole lines with streaming stores, the tail with ordinary ones. Every slab starts on a line, so no
+    line is written partly by streaming and partly by ordinary stores except once per task at either
+    end: slabs cut at row boundaries instead (a head and a tail of ordinary stores in every slab) ran
+    2.5x slower, 4.8 against 1.2 ms for 25.7 MB in slabs of 128 values (each such line seems to stall
+    the write stream for a memory round trip). Returns (a, b, c, K, ok): head [e0, a), slabs
+    [a + k L, a + (k + 1) L), rest [b, c), tail [c, e1); ``ok`` False when y's elements are not aligned to
+    their size (no streaming stores at all: the slabs and the rest take ordinary ones, and c == e1)."""
+    h, e = stream_span(y[e0:e1])
+    ok = e > h
+    if not ok:
+        h = 0
+        e = e1 - e0
+    a = e0 + h
+    c = e0 + e
+    K = (c - a) // L
+    return a, a + K * L, c, K, ok
+
+
+@helper(inline=True)
+def stream_piece(j, e0, a, b, c, e1, K, L, ok):
+    """(start, length, streaming) of piece j (0 <= j < K + 3) of stream_pieces' split."""
+    if j == 0:
+        return e0, a - e0, False
+    if j <= K:
+        return a + (j - 1) * L, L, ok
+    if j == K + 1:
+        return b, c - b, ok
+    return c, e1 - c, False
+
+
+@helper(inline=True)
+def d_streams(d, dx):
+    """Whether a second output ``d`` written beside ``dx`` (the residual's gradient) can take streaming
+    stores where dx does: only when it sits at the same offset within a 64-byte line. The streaming
+    stores promise LLVM aligned vectors; a residual_out 16 bytes off dx's alignment crashed the process
+    (SIGSEGV) before this test. Otherwise d gets ordinary stores."""
+    return (address(d) - address(dx)) % STREAM_ALIGN == 0
 
 
 @helper(inline=True)
@@ -91,7 +135,7 @@ def masked(dy, y, zero, relu):
     return dy
 
 
-@helper
+@helper(inline=True)
 def act_run(xf, rf, yf, s, n, m, k, t, zero, relu, has_res, stream):
     """y = act((x - m) * k + t [+ res]) over [s, s + n), scalar coefficients (one channel's row)."""
     x = xf[s:s + n]
@@ -116,7 +160,7 @@ def act_run(xf, rf, yf, s, n, m, k, t, zero, relu, has_res, stream):
             y[i] = st(act(ld(x[i]), ld(r[i]), m, k, t, zero, relu, has_res), y)
 
 
-@helper
+@helper(inline=True)
 def act_vec(xf, rf, yf, s, M, K, T, zero, relu, has_res, stream):
     """y = act((x - M) * K + T [+ res]) over [s, s + len(M)), coefficients per element."""
     n = M.size
@@ -143,6 +187,33 @@ def act_vec(xf, rf, yf, s, M, K, T, zero, relu, has_res, stream):
 
 
 @helper
+def act_slabs(xf, rf, yf, e0, e1, C, E, zero, relu, has_res, reverse):
+    """y = act((x - M) * K + T [+ res]) over the contiguous channels-last run [e0, e1) (whole rows of C
+    values), written as stream_pieces splits it: line-aligned slabs with streaming stores. E holds the
+    coefficient rows tiled (E[r, j] = coef[r, j % C], at least L + C wide); a piece starting at s reads
+    them from column s % C on. All the pieces in one call: a call per slab (views of xf, yf passed down)
+    paid reference-count updates on the shared arrays, atomic and contended between the threads, which
+    made the pass 2-3x slower than a copy."""
+    L = CL_STREAM_SLAB_ELEMS
+    a, b, c, K, ok = stream_pieces(yf, e0, e1, L)
+    for j in range(K + 3):
+        s, n, st = stream_piece(K + 2 - j if reverse else j, e0, a, b, c, e1, K, L, ok)
+        p = s % C
+        x = xf[s:s + n]
+        r = rf[s:s + n]
+        y = yf[s:s + n]
+        M = E[0, p:p + n]
+        Kc = E[1, p:p + n]
+        T = E[2, p:p + n]
+        if st:
+            for i in range(n):
+                stream_store(y, i, st(act(ld(x[i]), ld(r[i]), M[i], Kc[i], T[i], zero, relu, has_res), y))
+        else:
+            for i in range(n):
+                y[i] = st(act(ld(x[i]), ld(r[i]), M[i], Kc[i], T[i], zero, relu, has_res), y)
+
+
+@helper
 def act_rows(xf, rf, yf, r0, r1, C, CS, M, K, T, zero, relu, has_res, reverse):
     """Channels-last rows r0..r1 (of C values) of y = act((x - M) * K + T [+ res]), M, K, T per channel,
     in one call (a call per row of 64 values cost ~5 ns a row, a quarter of the pass); ``reverse`` walks
@@ -157,7 +228,7 @@ def act_rows(xf, rf, yf, r0, r1, C, CS, M, K, T, zero, relu, has_res, reverse):
             y[c] = st(act(ld(x[c]), ld(rr[c]), M[c], K[c], T[c], zero, relu, has_res), y)
 
 
-@helper
+@helper(inline=True)
 def grad_run(dyf, xf, yf, dxf, df, s, n, m, k_dy, k_x, k_0, zero, relu, write_d, stream):
     """dx = g * k_dy + (x - m) * k_x + k_0 over [s, s + n), scalar coefficients; g = masked(dy); with
     write_d also d = g."""
@@ -179,12 +250,18 @@ def grad_run(dyf, xf, yf, dxf, df, s, n, m, k_dy, k_x, k_0, zero, relu, write_d,
         ys = y[h:e]
         dxs = dx[h:e]
         ds = d[h:e]
-        for i in range(e - h):
-            g = masked(ld(dys[i]), ld(ys[i]), zero, relu)
-            u = g * k_dy + (ld(xs[i]) - m) * k_x + k_0
-            if write_d:
+        if write_d and d_streams(ds, dxs):
+            for i in range(e - h):
+                g = masked(ld(dys[i]), ld(ys[i]), zero, relu)
                 stream_store(ds, i, st(g, ds))
-            stream_store(dxs, i, st(u, dxs))
+                stream_store(dxs, i, st(g * k_dy + (ld(xs[i]) - m) * k_x + k_0, dxs))
+        else:
+            for i in range(e - h):
+                g = masked(ld(dys[i]), ld(ys[i]), zero, relu)
+                u = g * k_dy + (ld(xs[i]) - m) * k_x + k_0
+                if write_d:
+                    ds[i] = st(g, ds)
+                stream_store(dxs, i, st(u, dxs))
         for i in range(e, n):
             g = masked(ld(dy[i]), ld(y[i]), zero, relu)
             u = g * k_dy + (ld(x[i]) - m) * k_x + k_0
@@ -200,7 +277,7 @@ def grad_run(dyf, xf, yf, dxf, df, s, n, m, k_dy, k_x, k_0, zero, relu, write_d,
             dx[i] = st(u, dx)
 
 
-@helper
+@helper(inline=True)
 def grad_vec(dyf, xf, yf, dxf, df, s, M, KX, K0, KDY, zero, relu, write_d, stream):
     """dx = g * KDY + (x - M) * KX + K0 over [s, s + len(M)), coefficients per element; g and d as in
     grad_run."""
@@ -227,12 +304,18 @@ def grad_vec(dyf, xf, yf, dxf, df, s, M, KX, K0, KDY, zero, relu, write_d, strea
         KXs = KX[h:e]
         K0s = K0[h:e]
         KDYs = KDY[h:e]
-        for i in range(e - h):
-            g = masked(ld(dys[i]), ld(ys[i]), zero, relu)
-            u = g * KDYs[i] + (ld(xs[i]) - Ms[i]) * KXs[i] + K0s[i]
-            if write_d:
+        if write_d and d_streams(ds, dxs):
+            for i in range(e - h):
+                g = masked(ld(dys[i]), ld(ys[i]), zero, relu)
                 stream_store(ds, i, st(g, ds))
-            stream_store(dxs, i, st(u, dxs))
+                stream_store(dxs, i, st(g * KDYs[i] + (ld(xs[i]) - Ms[i]) * KXs[i] + K0s[i], dxs))
+        else:
+            for i in range(e - h):
+                g = masked(ld(dys[i]), ld(ys[i]), zero, relu)
+                u = g * KDYs[i] + (ld(xs[i]) - Ms[i]) * KXs[i] + K0s[i]
+                if write_d:
+                    ds[i] = st(g, ds)
+                stream_store(dxs, i, st(u, dxs))
         for i in range(e, n):
             g = masked(ld(dy[i]), ld(y[i]), zero, relu)
             u = g * KDY[i] + (ld(x[i]) - M[i]) * KX[i] + K0[i]
@@ -246,6 +329,46 @@ def grad_vec(dyf, xf, yf, dxf, df, s, M, KX, K0, KDY, zero, relu, write_d, strea
             if write_d:
                 d[i] = st(g, d)
             dx[i] = st(u, dx)
+
+
+@helper
+def grad_slabs(dyf, xf, yf, dxf, df, e0, e1, C, E, zero, relu, write_d, reverse):
+    """dx over the contiguous channels-last run [e0, e1) in line-aligned slabs (see act_slabs); E rows
+    (M, KX, K0, KDY) tiled; d = g too with write_d (streamed only where d_streams)."""
+    L = CL_STREAM_SLAB_ELEMS
+    a, b, c, K, ok = stream_pieces(dxf, e0, e1, L)
+    d_nt = write_d and d_streams(df, dxf)
+    for j in range(K + 3):
+        s, n, st = stream_piece(K + 2 - j if reverse else j, e0, a, b, c, e1, K, L, ok)
+        p = s % C
+        dy = dyf[s:s + n]
+        x = xf[s:s + n]
+        y = yf[s:s + n]
+        dx = dxf[s:s + n]
+        d = df[s:s + n]
+        M = E[0, p:p + n]
+        KX = E[1, p:p + n]
+        K0 = E[2, p:p + n]
+        KDY = E[3, p:p + n]
+        if st and d_nt:
+            for i in range(n):
+                g = masked(ld(dy[i]), ld(y[i]), zero, relu)
+                stream_store(d, i, st(g, d))
+                stream_store(dx, i, st(g * KDY[i] + (ld(x[i]) - M[i]) * KX[i] + K0[i], dx))
+        elif st:
+            for i in range(n):
+                g = masked(ld(dy[i]), ld(y[i]), zero, relu)
+                u = g * KDY[i] + (ld(x[i]) - M[i]) * KX[i] + K0[i]
+                if write_d:
+                    d[i] = st(g, d)
+                stream_store(dx, i, st(u, dx))
+        else:
+            for i in range(n):
+                g = masked(ld(dy[i]), ld(y[i]), zero, relu)
+                u = g * KDY[i] + (ld(x[i]) - M[i]) * KX[i] + K0[i]
+                if write_d:
+                    d[i] = st(g, d)
+                dx[i] = st(u, dx)
 
 
 @helper

@@ -16,6 +16,20 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the ``bench`` subcommand's options: which cases (``--quick``, ``--kernel``, ``--layout``,
+    ``--dtype``, each repeatable), ``--threads``, ``--repeat``, outputs (``--json``, ``--plot``) and the
+    extra sections (``--under-load``, ``--no-extras``).
+
+    Example
+    -------
+    >>> import argparse
+    >>> from fastbn.cli import bench
+    >>> p = argparse.ArgumentParser(prog="python -m fastbn bench")
+    >>> bench.add_arguments(p)
+    >>> args = p.parse_args(["--quick", "--kernel", "train", "--kernel", "infer", "--dtype", "float32"])
+    >>> args.quick, args.kernel, args.layout, args.dtype, args.repeat
+    (True, ['train', 'infer'], None, ['float32'], None)
+    """
     p.add_argument("--quick", action="store_true", help="fewer shapes and rounds (a smoke run)")
     p.add_argument("--threads", type=int, default=None, help="threads for fastbn and PyTorch (default: Numba's)")
     p.add_argument("--repeat", type=int, default=None, help="interleaved rounds per case (default 15, quick 5)")
@@ -91,6 +105,37 @@ def _plot(results, path: str, env: dict, threads: int) -> None:
 
 
 def run(args) -> int:
+    """Run the benchmark (``python -m fastbn bench``): print one table row per case, the extra sections
+    and the targets met; write ``--json`` / ``--plot`` when asked. Returns 0, or 2 for bad arguments.
+
+    Example
+    -------
+    One small case (``infer-NC-256x1024-float32``: 1 MiB), 3 rounds, on one thread; the figures of so
+    short a run are noise, and a real run takes minutes:
+
+    >>> import argparse, json, os, tempfile
+    >>> from fastbn.cli import bench
+    >>> p = argparse.ArgumentParser(prog="python -m fastbn bench")
+    >>> bench.add_arguments(p)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> out = os.path.join(tmp.name, "bench.json")
+    >>> args = p.parse_args(["--quick", "--kernel", "infer", "--layout", "NC", "--dtype", "float32",
+    ...                      "--repeat", "3", "--threads", "1", "--no-extras", "--json", out])
+    >>> bench.run(args)                                              # doctest: +ELLIPSIS
+    fastbn bench: 1 cases, 1 thread, medians of 3 interleaved rounds ...
+    case ... targets
+    ---...
+    infer-NC-256x1024-float32 ...
+    <BLANKLINE>
+    targets met: ...
+    wrote .../bench.json
+    0
+    >>> with open(out) as f:
+    ...     saved = json.load(f)
+    >>> [r["case"] for r in saved["results"]], saved["threads"], saved["repeat"]
+    (['infer-NC-256x1024-float32'], 1, 3)
+    >>> tmp.cleanup()
+    """
     import numba
 
     from fastbn import bench

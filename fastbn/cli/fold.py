@@ -45,7 +45,19 @@ def _tolerance(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``fold`` subcommand's options."""
+    """Register the ``fold`` subcommand's options: ``IN.onnx``, ``-o OUT.onnx``, ``--check`` with its
+    ``--rtol``, ``--atol``, ``--seed`` and ``--dynamic-size``, and ``--progress``.
+
+    Example
+    -------
+    >>> import argparse
+    >>> from fastbn.cli import fold
+    >>> p = argparse.ArgumentParser(prog="python -m fastbn fold")
+    >>> fold.add_arguments(p)
+    >>> args = p.parse_args(["net.onnx", "-o", "folded.onnx", "--check", "--rtol", "1e-4"])
+    >>> args.input, args.output, args.check, args.rtol, args.atol
+    ('net.onnx', 'folded.onnx', True, 0.0001, 0.0001)
+    """
     parser.epilog = _EPILOG
     parser.add_argument("input", metavar="IN.onnx", help="ONNX model to fold")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the result")
@@ -69,7 +81,21 @@ def _err(msg: str) -> int:
 
 
 def random_inputs(model: Any, rng: np.random.Generator, dynamic_size: int = 1) -> dict[str, np.ndarray]:
-    """Random feeds for the graph inputs that are not initializers (symbolic dims -> dynamic_size)."""
+    """Random feeds for the graph inputs that are not initializers (symbolic dims -> dynamic_size).
+
+    Returns ``{input name: array}`` in each input's shape and NumPy dtype: standard normal values for
+    floating inputs, 0 and 1 for integer and bool ones (often indices or masks). Needs ``onnx``.
+
+    Example
+    -------
+    >>> import numpy as np, onnx.parser
+    >>> from fastbn.cli.fold import random_inputs
+    >>> model = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
+    ... net (float[N, 3] x, int64[2] k) => (float[N, 3] y) { y = Identity(x) }''')
+    >>> feeds = random_inputs(model, np.random.default_rng(0), dynamic_size=2)
+    >>> {name: (a.shape, a.dtype.name) for name, a in feeds.items()}
+    {'x': ((2, 3), 'float32'), 'k': ((2,), 'int64')}
+    """
     import onnx
 
     inits = {t.name for t in model.graph.initializer}
@@ -100,6 +126,24 @@ def compare_models(original: Any, folded: Any, *, seed: int = 0, dynamic_size: i
 
     Returns ``(output name, shape, max abs diff, max rel diff, max |reference|)`` per output, where the
     relative difference is the absolute one divided by the reference output's largest magnitude.
+    Needs ``onnx`` and ``onnxruntime``.
+
+    Example
+    -------
+    A MatMul followed by a BatchNormalization, against its folded form (one Gemm):
+
+    >>> import onnx.parser, fastbn.onnx
+    >>> from fastbn.cli.fold import compare_models
+    >>> model = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
+    ... net (float[N, 2] x) => (float[N, 2] y)
+    ... <float[2, 2] w = {1, 2, 3, 4}, float[2] s = {2, 3}, float[2] b = {0.5, -1}, float[2] m = {1, 2},
+    ...  float[2] v = {4, 9}>
+    ... { [fc] h = MatMul(x, w)
+    ...   [bn] y = BatchNormalization(h, s, b, m, v) }''')
+    >>> folded, report = fastbn.onnx.fold_model(model)
+    >>> rows = compare_models(model, folded)                 # symbolic N -> dynamic_size=1
+    >>> [(name, shape, max_rel < 1e-6) for name, shape, max_abs, max_rel, scale in rows]
+    [('y', (1, 2), True)]
     """
     import onnx
     import onnxruntime as ort
@@ -216,7 +260,36 @@ def _check_sources(model: Any, folded: Any, args: argparse.Namespace, input_repl
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fold ``args.input`` into ``args.output``; see the module docstring for exit codes."""
+    """Fold ``args.input`` into ``args.output``; see the module docstring for exit codes.
+
+    Example
+    -------
+    ``python -m fastbn fold net.onnx -o folded.onnx --check`` on a MatMul followed by a BatchNormalization:
+
+    >>> import argparse, os, tempfile, onnx, onnx.parser
+    >>> from fastbn.cli import fold
+    >>> model = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
+    ... net (float[N, 2] x) => (float[N, 2] y)
+    ... <float[2, 2] w = {1, 2, 3, 4}, float[2] s = {2, 3}, float[2] b = {0.5, -1}, float[2] m = {1, 2},
+    ...  float[2] v = {4, 9}>
+    ... { [fc] h = MatMul(x, w)
+    ...   [bn] y = BatchNormalization(h, s, b, m, v) }''')
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> src, dst = os.path.join(tmp.name, "net.onnx"), os.path.join(tmp.name, "folded.onnx")
+    >>> onnx.save(model, src)
+    >>> p = argparse.ArgumentParser(prog="python -m fastbn fold")
+    >>> fold.add_arguments(p)
+    >>> fold.run(p.parse_args([src, "-o", dst, "--check"]))            # doctest: +ELLIPSIS
+    folded 1 of 1 BatchNormalization node(s)
+      folded  bn -> Gemm fc: folded into the preceding Gemm
+    wrote .../folded.onnx
+    check: output 'y' (1, 2): max abs diff ..., max rel diff ... (relative to max |output| = ...)
+    check: PASSED (atol=0.0001, rtol=0.001, seed=0)
+    0
+    >>> [n.op_type for n in onnx.load(dst).graph.node]
+    ['Gemm']
+    >>> tmp.cleanup()
+    """
     try:
         import onnx
 

@@ -6,10 +6,34 @@ import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    """Register the ``info`` subcommand's options: it has none.
+
+    Example
+    -------
+    >>> import argparse
+    >>> from fastbn.cli import info
+    >>> p = argparse.ArgumentParser(prog="python -m fastbn info")
+    >>> info.add_arguments(p)
+    >>> p.parse_args([])
+    Namespace()
+    """
 
 
 def collect() -> dict:
+    """What ``info`` reports, as a dict: versions (str), threading layer (str), thread counts (int),
+    CPU name (str) and features (list of str), the kernels' cache directory (str). Compiles nothing.
+
+    Example
+    -------
+    >>> import numba
+    >>> from fastbn.cli.info import collect
+    >>> env = collect()
+    >>> sorted(env)
+    ['NUMBA_NUM_THREADS', 'cache_dir', 'cpu', 'cpu_features', 'fastbn', 'num_threads', 'numba', 'numpy',
+     'os_cpu_count', 'threading_layer', 'threading_layer_requested']
+    >>> env["num_threads"] == numba.get_num_threads(), env["numba"] == numba.__version__
+    (True, True)
+    """
     import llvmlite.binding as llvm
     import numba
     import numpy as np
@@ -44,6 +68,19 @@ def collect() -> dict:
 
 
 def run(args) -> int:
+    """Print :func:`collect`'s report, one ``name value`` line each; returns 0 (``python -m fastbn info``).
+
+    Example
+    -------
+    >>> import argparse
+    >>> from fastbn.cli import info
+    >>> info.run(argparse.Namespace())                # doctest: +ELLIPSIS
+    fastbn                     ...
+    numba                      ...
+    numpy                      ...
+    threading_layer            ...
+    0
+    """
     info = collect()
     for k, v in info.items():
         if isinstance(v, list):

@@ -23,6 +23,20 @@ def _csv(choices: tuple, what: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the ``warmup`` subcommand's options: comma-separated ``--dtypes``, ``--kernels`` and
+    ``--layouts`` (default: all, float16 and bfloat16 on request), ``--plain``, ``--cache-dir DIR`` and
+    ``--list``.
+
+    Example
+    -------
+    >>> import argparse
+    >>> from fastbn.cli import warmup
+    >>> p = argparse.ArgumentParser(prog="python -m fastbn warmup")
+    >>> warmup.add_arguments(p)
+    >>> args = p.parse_args(["--dtypes", "float32", "--layouts", "cl,cf-short"])
+    >>> args.dtypes, args.layouts, args.plain, args.cache_dir
+    (('float32',), ('cl', 'cf-short'), False, None)
+    """
     from fastbn._warmup import DTYPES, HALF_DTYPES, KERNEL_FLAGS, LAYOUTS
 
     p.add_argument("--dtypes", type=_csv(DTYPES + HALF_DTYPES, "--dtypes"), default=DTYPES,
@@ -41,6 +55,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """Compile the selected kernel variants into the on-disk cache (``--cache-dir``: into that directory,
+    setting ``NUMBA_CACHE_DIR`` for this process), or with ``--list`` only list them. Returns 0, or 2 for
+    a ``--cache-dir`` that cannot be created or written.
+
+    Example
+    -------
+    With ``--list``, what ``python -m fastbn warmup --kernels train --dtypes float32 --layouts cl --plain``
+    would compile (each variant takes seconds):
+
+    >>> import argparse
+    >>> from fastbn.cli import warmup
+    >>> p = argparse.ArgumentParser(prog="python -m fastbn warmup")
+    >>> warmup.add_arguments(p)
+    >>> warmup.run(p.parse_args(["--kernels", "train", "--dtypes", "float32", "--layouts", "cl", "--plain",
+    ...                          "--list"]))
+    train float32 parallel cl
+    train float32 parallel cl +stream
+    train float32 serial cl
+    train float32 serial cl +stream
+    4 variants
+    0
+    """
     if args.cache_dir:
         path = os.path.abspath(args.cache_dir)
         try:

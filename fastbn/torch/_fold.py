@@ -54,7 +54,18 @@ _CONTAINER = "_fastbn_folded"
 
 @dataclass(frozen=True)
 class FoldEntry:
-    """One BN call (or module): its path in the model, the layer considered (path, class) and why."""
+    """One BN call (or module): its path in the model, the layer considered (path, class) and why.
+
+    ``bn`` and ``layer`` are module paths as ``named_modules()`` gives them (``"1"`` in a Sequential,
+    ``"layer1.0.bn1"`` in a ResNet); ``layer`` and ``layer_type`` are None when no layer was considered.
+
+    Example
+    -------
+    >>> from fastbn.torch import FoldEntry
+    >>> e = FoldEntry("layer1.0.bn1", "layer1.0.conv1", "Conv2d", "folded in the traced forward")
+    >>> e.bn, e.layer_type
+    ('layer1.0.bn1', 'Conv2d')
+    """
     bn: str
     layer: str | None
     layer_type: str | None
@@ -64,7 +75,22 @@ class FoldEntry:
 @dataclass
 class FoldReport:
     """What :func:`fold_model` did. ``method``: "traced" (torch.fx), "verified" (on example inputs) or
-    "none"; ``folded`` and ``skipped`` entries; free-form ``notes``. ``str(report)`` lists them."""
+    "none"; ``folded`` and ``skipped`` entries (lists of :class:`FoldEntry`); free-form ``notes`` (list of
+    str). ``str(report)`` lists them.
+
+    Example
+    -------
+    >>> from torch import nn
+    >>> from fastbn.torch import fold_model
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8)).eval()
+    >>> folded, report = fold_model(net, return_report=True)
+    >>> print(report)
+    folded 1 of 2 batch norm(s) (traced)
+      folded  1 -> Conv2d 0: folded in the traced forward
+      skipped 3 (ReLU 2): its input comes from a ReLU, not from a Conv/ConvTranspose/Linear
+    >>> report.method, report.folded[0]
+    ('traced', FoldEntry(bn='1', layer='0', layer_type='Conv2d', reason='folded in the traced forward'))
+    """
     method: str = "none"
     folded: list[FoldEntry] = field(default_factory=list)
     skipped: list[FoldEntry] = field(default_factory=list)
