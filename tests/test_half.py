@@ -214,11 +214,14 @@ def test_float16_overflow_gives_inf_not_garbage():
 
 
 @pytest.mark.parametrize("dt,shape,axis", [pytest.param(F16, (64, 8, 8, 32), -1, id="float16-NHWC"),
+                                            pytest.param(BF16, (64, 8, 8, 32), -1, id="bfloat16-NHWC",
+                                                         marks=need_bf16),
                                             pytest.param(BF16, (8, 32, 2048), 1, id="bfloat16-owned-long",
                                                          marks=need_bf16)])
 def test_bitwise_equal_across_threads_and_streaming(dt, shape, axis, threads, monkeypatch):
     """1 and 2 threads (the serial and parallel kernels), and with streaming stores forced on an output
-    that starts 2 bytes past a 64-byte line (the streaming writers' head and tail)."""
+    that starts 2 bytes past a 64-byte line (the streaming writers' head and tail; channels-last: the
+    line-aligned slabs of rows.act_slabs / grad_slabs)."""
     x, dy, g, b = _inputs(shape, axis, dt, seed=5)
     x0, dy0 = _unaligned(x), _unaligned(dy)
     results = []

@@ -197,7 +197,7 @@ def act_slabs(xf, rf, yf, e0, e1, C, E, zero, relu, has_res, reverse):
     L = CL_STREAM_SLAB_ELEMS
     a, b, c, K, ok = stream_pieces(yf, e0, e1, L)
     for j in range(K + 3):
-        s, n, st = stream_piece(K + 2 - j if reverse else j, e0, a, b, c, e1, K, L, ok)
+        s, n, streamed = stream_piece(K + 2 - j if reverse else j, e0, a, b, c, e1, K, L, ok)
         p = s % C
         x = xf[s:s + n]
         r = rf[s:s + n]
@@ -205,7 +205,7 @@ def act_slabs(xf, rf, yf, e0, e1, C, E, zero, relu, has_res, reverse):
         M = E[0, p:p + n]
         Kc = E[1, p:p + n]
         T = E[2, p:p + n]
-        if st:
+        if streamed:
             for i in range(n):
                 stream_store(y, i, st(act(ld(x[i]), ld(r[i]), M[i], Kc[i], T[i], zero, relu, has_res), y))
         else:
@@ -339,7 +339,7 @@ def grad_slabs(dyf, xf, yf, dxf, df, e0, e1, C, E, zero, relu, write_d, reverse)
     a, b, c, K, ok = stream_pieces(dxf, e0, e1, L)
     d_nt = write_d and d_streams(df, dxf)
     for j in range(K + 3):
-        s, n, st = stream_piece(K + 2 - j if reverse else j, e0, a, b, c, e1, K, L, ok)
+        s, n, streamed = stream_piece(K + 2 - j if reverse else j, e0, a, b, c, e1, K, L, ok)
         p = s % C
         dy = dyf[s:s + n]
         x = xf[s:s + n]
@@ -350,12 +350,12 @@ def grad_slabs(dyf, xf, yf, dxf, df, e0, e1, C, E, zero, relu, write_d, reverse)
         KX = E[1, p:p + n]
         K0 = E[2, p:p + n]
         KDY = E[3, p:p + n]
-        if st and d_nt:
+        if streamed and d_nt:
             for i in range(n):
                 g = masked(ld(dy[i]), ld(y[i]), zero, relu)
                 stream_store(d, i, st(g, d))
                 stream_store(dx, i, st(g * KDY[i] + (ld(x[i]) - M[i]) * KX[i] + K0[i], dx))
-        elif st:
+        elif streamed:
             for i in range(n):
                 g = masked(ld(dy[i]), ld(y[i]), zero, relu)
                 u = g * KDY[i] + (ld(x[i]) - M[i]) * KX[i] + K0[i]
