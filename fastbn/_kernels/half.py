@@ -70,7 +70,10 @@ def _round_bf16(builder, f32):
     The NaN select is made on the 16-bit results: with it on the 32-bit ones, the value stored is a
     truncation, which LLVM folded with the store into one 64-byte ordinary store in the streaming loops
     (their non-temporal hint lost: ``vpmovdw`` + ``vmovdqu64`` where float16 gets ``vmovntps``); selected
-    in 16 bits, the store stays a non-temporal one (two 32-byte ``vmovntdq``)."""
+    in 16 bits, the store stays a non-temporal one (two 32-byte ``vmovntdq``). The NaN test is a float
+    compare (one ``vcmpunordps``, where an integer test of the magnitude took two instructions): one core,
+    25.7M values, y = (x - m) * k + t with streaming stores, 5.34 -> 5.04 ms (float16: 2.50 ms; the
+    integer rounding and the packing of two 16-lane halves cost about twice float16's conversions)."""
     i32 = lambda v: ir.Constant(_I32, v)  # noqa: E731
     i16 = lambda v: ir.Constant(_I16, v)  # noqa: E731
     b = builder.bitcast(f32, _I32)
@@ -78,7 +81,7 @@ def _round_bf16(builder, f32):
     lsb = builder.and_(hi, i32(1))
     rounded = builder.trunc(builder.lshr(builder.add(builder.add(b, i32(0x7FFF)), lsb), i32(16)), _I16)
     quiet = builder.or_(builder.and_(builder.trunc(hi, _I16), i16(0x8000)), i16(0x7FC0))
-    nan = builder.icmp_unsigned(">", builder.and_(b, i32(0x7FFFFFFF)), i32(0x7F800000))
+    nan = builder.fcmp_unordered("uno", f32, f32)
     return builder.select(nan, quiet, rounded)
 
 
