@@ -251,8 +251,10 @@ def bench_cases(*, quick: bool = False, kernels=KERNELS, layouts=LAYOUTS) -> lis
     Example
     -------
     >>> from fastbn.cases import bench_cases
-    >>> [c.id for c in bench_cases(quick=True, kernels=("train",), layouts=("NC",))]
-    ['train-NC-256x1024-float32', 'train-NC-256x1024-float64']
+    >>> for c in bench_cases(quick=True, kernels=("train",), layouts=("NC",)):
+    ...     print(c.id)
+    train-NC-256x1024-float32
+    train-NC-256x1024-float64
     """
     cases = []
     for kernel in kernels:
