@@ -299,10 +299,15 @@ def bench_cases(*, quick: bool = False, kernels=KERNELS, layouts=LAYOUTS) -> lis
     Example
     -------
     >>> from fastbn.cases import bench_cases
-    >>> [c.id for c in bench_cases(quick=True, kernels=("train",), layouts=("NC",))]
-    ['train-NC-256x1024-float32', 'train-NC-256x1024-float64']
-    >>> [c.id for c in bench_cases(kernels=("infer",), layouts=("NCHW",)) if c.dtype == "float16"]
-    ['infer-NCHW-64x128x56x56-float16', 'infer-NCHW-8x256x14x14-float16']
+    >>> for c in bench_cases(quick=True, kernels=("train",), layouts=("NC",)):
+    ...     print(c.id)
+    train-NC-256x1024-float32
+    train-NC-256x1024-float64
+    >>> for c in bench_cases(kernels=("infer",), layouts=("NCHW",)):
+    ...     if c.dtype == "float16":
+    ...         print(c.id)
+    infer-NCHW-64x128x56x56-float16
+    infer-NCHW-8x256x14x14-float16
     """
     dtypes = ("float32", "float64", "float16") + (("bfloat16",) if have_bfloat16() else ())
     cases = []

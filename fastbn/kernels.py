@@ -106,6 +106,8 @@ def _train_forward(x, gamma, beta, eps, y, mean, invstd, running_mean, running_v
     momentum : float
     update_running : bool
 
+    Notes
+    -----
     Statistics accumulate in float64 with a per-chunk shift (no ``E[x^2] - E[x]^2`` cancellation), in
     an order fixed by the shape: the same bits for any thread count and for ``train_forward_serial``.
     Raises ValueError when a per-channel array's length is not C.
@@ -167,6 +169,8 @@ def _infer_forward(x, running_mean, running_var, gamma, beta, eps, y):
     eps : float
     y : (A, C, B), x's dtype, C-contiguous; may be ``x`` (in place)
 
+    Notes
+    -----
     The per-channel scale and shift are computed in float64 and applied in x's dtype. Raises ValueError
     when a per-channel array's length is not C.
 
@@ -221,6 +225,8 @@ def _backward(dy, x, mean, invstd, gamma, dx, dgamma, dbeta, frozen):
     dgamma, dbeta : (C,) float64, written
     frozen : bool
 
+    Notes
+    -----
     The sums accumulate in float64 in a shape-fixed order (same bits for any thread count). Raises
     ValueError when a per-channel array's length is not C.
 
