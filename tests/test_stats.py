@@ -147,7 +147,7 @@ def test_merge_bad_input(args, exc, match):
 
 @pytest.mark.parametrize("x,kw,exc,match", [
     (np.zeros(5, np.float32), {}, ValueError, "at least 2 dimensions"),
-    (np.zeros((4, 3), np.int64), {}, TypeError, "float32 or float64"),
+    (np.zeros((4, 3), np.int64), {}, TypeError, "float32, float64, float16 or bfloat16"),
     (None, {}, TypeError, "x must be an array"),
     (np.zeros((4, 3)), {"axis": 2}, ValueError, "out of range"),
     (np.zeros((4, 3)), {"axis": 1.0}, TypeError, "axis must be an int"),
