@@ -17,6 +17,15 @@ def assert_close(actual, reference, rtol, what=""):
     assert err <= rtol * scale, f"{what}: max abs error {err:.3e} > {rtol:.0e} * {scale:.3e}"
 
 
+def at_line_offset(n, dtype, offset_bytes):
+    """An uninitialized 1-D array of n values of ``dtype`` whose data starts ``offset_bytes`` past a
+    64-byte line boundary (streaming stores write whole lines: tests place data at every offset class)."""
+    dtype = np.dtype(dtype)
+    buf = np.empty(n + 64 // dtype.itemsize + 1, dtype)
+    o = ((offset_bytes - buf.ctypes.data) % 64) // dtype.itemsize
+    return buf[o:o + n]
+
+
 @pytest.fixture
 def threads():
     """Set Numba's thread count inside a test and restore it afterwards."""

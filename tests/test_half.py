@@ -16,6 +16,7 @@ import pytest
 
 import fastbn
 import naive
+from conftest import at_line_offset
 from fastbn._kernels import plan
 from fastbn._kernels.half import ld, st
 
@@ -240,10 +241,8 @@ def test_bitwise_equal_across_threads_and_streaming(dt, shape, axis, threads, mo
 
 
 def _unaligned(a: np.ndarray) -> np.ndarray:
-    """A copy of ``a`` whose data starts 2 bytes past a 64-byte boundary."""
-    buf = np.empty(a.size + 64, a.dtype)
-    off = (-buf.ctypes.data % 64) // a.itemsize + 1
-    out = buf[off:off + a.size].reshape(a.shape)
+    """A copy of ``a`` whose data starts one element (2 bytes) past a 64-byte boundary."""
+    out = at_line_offset(a.size, a.dtype, a.itemsize).reshape(a.shape)
     out[...] = a
     return out
 

@@ -9,6 +9,7 @@ streaming stores.
 """
 import numpy as np
 import pytest
+from conftest import at_line_offset
 
 from fastbn._kernels import entries
 from fastbn._kernels.plan import layout_of
@@ -16,9 +17,7 @@ from fastbn._kernels.plan import layout_of
 
 def _at(n, offset, rng):
     """n float32 values starting ``offset`` elements past a 64-byte boundary."""
-    buf = np.empty(n + 32, np.float32)
-    o = (-(buf.ctypes.data // 4) + offset) % 16
-    a = buf[o:o + n]
+    a = at_line_offset(n, np.float32, 4 * offset)
     a[...] = rng.standard_normal(n)
     return a
 
