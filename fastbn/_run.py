@@ -134,13 +134,13 @@ def input_grad(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray | None, dx3: np.n
              c0, c1)
 
 
-@helper
+@helper(python=True)
 def _ema(running, new, momentum, scale):
     for c in range(running.shape[0]):
         running[c] = (1.0 - momentum) * running[c] + momentum * (new[c] * scale)
 
 
-@helper
+@helper(python=True)
 def _ema_pair(running_mean, running_var, mean, var, momentum, var_scale):
     for c in range(running_mean.shape[0]):
         running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
