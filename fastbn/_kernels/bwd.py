@@ -14,7 +14,8 @@ from fastbn._jit import choose, choose_by_layout, helper
 from fastbn._kernels.fwd import expand, tile
 from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
-                                  CL_STREAM_SLAB_ELEMS, n_chunks, slab_channels, task_range)
+                                  CL_STREAM_SLAB_ELEMS, LONG_GROUP_BYTES_BWD, long_group, n_chunks, slab_channels,
+                                  task_range)
 from fastbn._kernels.reduce import cf_chunk_grad_sums, cf_group_grad_sums, cl_chunk_grad_sums
 from fastbn._kernels.rows import affine_coefficients, grad_rows, grad_run, grad_slabs, grad_vec
 
@@ -103,17 +104,22 @@ def _group_coefficients(P, coef, c0, c1, n, gs, frozen):
 
 @helper
 def backward_owned_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, frozen, relu, write_d, stream):
+    # the task's channels in groups (plan.long_group; x and dy count towards a group's size), each read
+    # and written row by row
     buf = np.empty((3, SLAB_ELEMS))
-    gs = np.empty((4, 1))
+    G = long_group(A, B, xf.itemsize, 2, LONG_GROUP_BYTES_BWD)
+    gs = np.empty((4, G))
     zero = np.zeros(1, coef.dtype)[0]
     n = float(A * B)
     c0, c1 = task_range(t, nt, C)
-    for c in range(c0, c1):
-        cf_group_grad_sums(dyf, xf, yf, A, CS, B, c, c + 1, P[B_MEAN], relu, buf, gs[0], gs[1], gs[2], gs[3], False)
-        _group_coefficients(P, coef, c, c + 1, n, gs, frozen)
+    for g0 in range(c0, c1, G):
+        g1 = min(c1, g0 + G)
+        cf_group_grad_sums(dyf, xf, yf, A, CS, B, g0, g1, P[B_MEAN], relu, buf, gs[0], gs[1], gs[2], gs[3], False)
+        _group_coefficients(P, coef, g0, g1, n, gs, frozen)
         for a in range(A):
-            grad_run(dyf, xf, yf, dxf, df, (a * CS + c) * B, B, coef[0, c], coef[3, c], coef[1, c], coef[2, c], zero,
-                     relu, write_d, stream)
+            for c in range(g0, g1):
+                grad_run(dyf, xf, yf, dxf, df, (a * CS + c) * B, B, coef[0, c], coef[3, c], coef[1, c], coef[2, c],
+                         zero, relu, write_d, stream)
 
 
 @helper

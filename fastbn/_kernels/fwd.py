@@ -15,7 +15,8 @@ import numpy as np
 from fastbn._jit import choose, choose_by_layout, helper
 from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
-                                  CL_STREAM_SLAB_ELEMS, n_chunks, slab_channels, task_range)
+                                  CL_STREAM_SLAB_ELEMS, LONG_GROUP_BYTES, long_group, n_chunks, slab_channels,
+                                  task_range)
 from fastbn._kernels.reduce import cf_chunk_stats, cf_group_stats, cl_chunk_stats
 from fastbn._kernels.rows import act_rows, act_run, act_slabs, act_vec, affine_coefficients
 
@@ -142,19 +143,21 @@ def _finish_group(P, coef, c0, c1, n, gst, eps, rmin, rmax, dmax, renorm):
 @helper
 def train_owned_long(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm,
                      stream):
+    # the task's channels in groups (plan.long_group), each read and written row by row
     buf = np.empty((3, SLAB_ELEMS))
-    gst = np.empty((4, 1))
+    G = long_group(A, B, xf.itemsize, 1, LONG_GROUP_BYTES)
+    gst = np.empty((4, G))
     zero = np.zeros(1, coef.dtype)[0]
     n = float(A * B)
     c0, c1 = task_range(t, nt, C)
-    for c in range(c0, c1):
-        cf_group_stats(xf, A, CS, B, c, c + 1, buf, gst[0], gst[1], gst[2], gst[3], False)
-        _finish_group(P, coef, c, c + 1, n, gst, eps, rmin, rmax, dmax, renorm)
-        m = coef[0, c]
-        k = coef[1, c]
-        tt = coef[2, c]
+    for g0 in range(c0, c1, G):
+        g1 = min(c1, g0 + G)
+        cf_group_stats(xf, A, CS, B, g0, g1, buf, gst[0], gst[1], gst[2], gst[3], False)
+        _finish_group(P, coef, g0, g1, n, gst, eps, rmin, rmax, dmax, renorm)
         for a in range(A):
-            act_run(xf, rf, yf, (a * CS + c) * B, B, m, k, tt, zero, relu, has_res, stream)
+            for c in range(g0, g1):
+                act_run(xf, rf, yf, (a * CS + c) * B, B, coef[0, c], coef[1, c], coef[2, c], zero, relu, has_res,
+                        stream)
 
 
 @helper

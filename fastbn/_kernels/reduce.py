@@ -43,17 +43,24 @@ def zero_fill(v):
 
 @helper
 def cf_chunk_stats_long(xf, C, B, c0, c1, a0, a1, buf, pm, pq):
+    # row by row over the channels (one contiguous run per row: plan.long_group), each channel's rows
+    # added in row order: the same bits as one channel at a time
     cnt = float((a1 - a0) * B)
-    for i in range(c1 - c0):
-        c = c0 + i
-        k = np.float64(ld(xf[(a0 * C + c) * B]))
-        s1 = 0.0
-        s2 = 0.0
-        for a in range(a0, a1):
-            u, v = shifted_sums_run(xf, (a * C + c) * B, B, k)
-            s1 += u
-            s2 += v
-        pm[i], pq[i] = shifted_to_stats(k, s1, s2, cnt)
+    g = c1 - c0
+    K = buf[0, :g]
+    S1 = buf[1, :g]
+    S2 = buf[2, :g]
+    for i in range(g):
+        K[i] = np.float64(ld(xf[(a0 * C + c0 + i) * B]))
+        S1[i] = 0.0
+        S2[i] = 0.0
+    for a in range(a0, a1):
+        for i in range(g):
+            u, v = shifted_sums_run(xf, (a * C + c0 + i) * B, B, K[i])
+            S1[i] += u
+            S2[i] += v
+    for i in range(g):
+        pm[i], pq[i] = shifted_to_stats(K[i], S1[i], S2[i], cnt)
 
 
 @helper
@@ -116,17 +123,22 @@ def cf_merge_partials(pm, pq, A, B):
 
 @helper
 def cf_chunk_grad_sums_long(dyf, xf, yf, C, B, c0, c1, a0, a1, mean, relu, buf, psd, psx):
-    for i in range(c1 - c0):
-        c = c0 + i
-        m = mean[c]
-        sd = 0.0
-        sx = 0.0
-        for a in range(a0, a1):
-            u, v = choose(relu, "grad_sums_run_masked", "grad_sums_run", (dyf, xf, yf, (a * C + c) * B, B, m))
-            sd += u
-            sx += v
-        psd[i] = sd
-        psx[i] = sx
+    # row by row over the channels, as cf_chunk_stats_long
+    g = c1 - c0
+    SD = buf[1, :g]
+    SX = buf[2, :g]
+    for i in range(g):
+        SD[i] = 0.0
+        SX[i] = 0.0
+    for a in range(a0, a1):
+        for i in range(g):
+            u, v = choose(relu, "grad_sums_run_masked", "grad_sums_run",
+                          (dyf, xf, yf, (a * C + c0 + i) * B, B, mean[c0 + i]))
+            SD[i] += u
+            SX[i] += v
+    for i in range(g):
+        psd[i] = SD[i]
+        psx[i] = SX[i]
 
 
 @helper
