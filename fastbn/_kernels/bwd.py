@@ -14,8 +14,8 @@ from fastbn._jit import choose, choose_by_layout, helper
 from fastbn._kernels.fwd import expand, tile
 from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
-                                  CL_STREAM_SLAB_ELEMS, LONG_GROUP_BYTES_BWD, long_group, n_chunks, slab_channels,
-                                  task_range)
+                                  CL_STREAM_SLAB_ELEMS, LONG_GROUP_BYTES, LONG_GROUP_BYTES_BWD, long_group,
+                                  n_chunks, slab_channels, task_range)
 from fastbn._kernels.reduce import cf_chunk_grad_sums, cf_group_grad_sums, cl_chunk_grad_sums
 from fastbn._kernels.rows import affine_coefficients, grad_rows, grad_run, grad_slabs, grad_vec
 
@@ -57,14 +57,16 @@ def grad_sums_cl(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
 
 @helper
 def grad_sums_owned(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
-    """Channels-first, owned channels: whole channels (slab groups) into P[B_SUM_DY], P[B_DOT]."""
+    """Channels-first, owned channels: whole channels (slab groups; long rows: groups of
+    plan.long_group, as fwd.stats_task_owned) into P[B_SUM_DY], P[B_DOT]."""
     buf = np.empty((3, SLAB_ELEMS))
-    G = slab_channels(B)
+    G = slab_channels(B) if short else long_group(A, B, xf.itemsize, 2, LONG_GROUP_BYTES)
     tmp = np.empty((2, G))
-    g0, g1 = task_range(t, nt, n_chunks(C, G))
-    for g in range(g0, g1):
-        c0 = g * G
-        c1 = min(C, c0 + G)
+    u0, u1 = task_range(t, nt, n_chunks(C, slab_channels(B)))  # slab groups, or channels
+    step = 1 if short else G
+    for u in range(u0, u1, step):
+        c0 = u * G if short else u
+        c1 = min(C, c0 + G) if short else min(u1, c0 + G)
         cf_group_grad_sums(dyf, xf, yf, A, CS, B, c0, c1, P[B_MEAN], relu, buf, P[B_SUM_DY, c0:c1],
                            P[B_DOT, c0:c1], tmp[0], tmp[1], short)
 

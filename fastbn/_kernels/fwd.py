@@ -98,14 +98,16 @@ def stats_task_cl(t, nt, xf, A, C, CS, B, P, part, short):
 
 @helper
 def stats_task_owned(t, nt, xf, A, C, CS, B, P, part, short):
-    """Channels-first, owned channels: whole channels (slab groups) into P[MEAN], P[M2]."""
+    """Channels-first, owned channels: whole channels (slab groups; long rows: groups of
+    plan.long_group, as train_owned_long) into P[MEAN], P[M2]."""
     buf = np.empty((3, SLAB_ELEMS))
-    G = slab_channels(B)
+    G = slab_channels(B) if short else long_group(A, B, xf.itemsize, 1, LONG_GROUP_BYTES)
     tmp = np.empty((2, G))
-    g0, g1 = task_range(t, nt, n_chunks(C, G))
-    for g in range(g0, g1):
-        c0 = g * G
-        c1 = min(C, c0 + G)
+    u0, u1 = task_range(t, nt, n_chunks(C, slab_channels(B)))  # slab groups, or channels
+    step = 1 if short else G
+    for u in range(u0, u1, step):
+        c0 = u * G if short else u
+        c1 = min(C, c0 + G) if short else min(u1, c0 + G)
         cf_group_stats(xf, A, CS, B, c0, c1, buf, P[MEAN, c0:c1], P[M2, c0:c1], tmp[0], tmp[1], short)
 
 

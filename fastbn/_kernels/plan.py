@@ -13,8 +13,9 @@ between the parallel and serial variants.
 Channels-first
     A thread owns whole channels when there are at least ``SPLIT_BELOW_CHANNELS`` of them (or a channel
     is a single chunk): it computes the statistics of a group of its channels (``long_group``: rows are
-    read as long contiguous runs) and then normalizes the group while it is still in cache. Chunks hold ``CF_CHUNK_ELEMS`` values of one channel (whole rows). With few channels,
-    (channel, chunk) pairs are spread over the threads instead.
+    read as long contiguous runs) and then normalizes the group while it is still in cache. Chunks hold
+    ``CF_CHUNK_ELEMS`` values of one channel (whole rows). With few channels, (channel, chunk) pairs are
+    spread over the threads instead.
 
     Rows shorter than ``SHORT_ROW`` (7x7 and 14x14 maps) are not looped over one by one: a group of
     consecutive channels' rows is one contiguous run of ``G * B`` values (a *slab*), updated with
@@ -119,7 +120,10 @@ def slab_channels(B):
 # groups of 5; (32, 64, 56, 56) 2.8-3.3 against 3.3 ms), so its budget is LONG_GROUP_BYTES_BWD. The
 # training forward in groups: (32, 64, 56, 56) float32 2.25-2.36 -> 1.76 ms, (64, 128, 56, 56) 8.7-8.8 ->
 # 7.8-8.3 ms, float64 (32, 64, 56, 56) 3.5-3.6 -> 2.4-2.8 ms, (64, 128, 56, 56) 13.7-14.6 -> 9.1-9.6 ms
-# (2 threads, medians of 21 interleaved rounds, two alternating processes each).
+# (2 threads, medians of 21 interleaved rounds, two alternating processes each). The statistics and
+# gradient-sum kernels (synchronized BN, precise statistics) read their groups once, within
+# LONG_GROUP_BYTES: float32 (64, 128, 3136) statistics 4.9-5.1 -> 3.3-3.4 ms, gradient sums 8.4-8.8 ->
+# 6.4 ms; (32, 64, 3136) 1.1-1.2 -> 0.5-0.7 ms and 1.7-2.0 -> 0.8-1.2 ms.
 # Per-channel results do not depend on the grouping (each channel's rows are added in row order).
 LONG_RUN_BYTES = 64 << 10
 LONG_GROUP_BYTES = 8 << 20
