@@ -118,10 +118,11 @@ def slab_channels(B):
 # the training forward; the backward's sums read two arrays and gained nothing from groups that spill
 # out of L2 (2 threads, float32 (64, 128, 56, 56): 12.6-13.7 ms a channel at a time, 13.2-15.7 ms in
 # groups of 5; (32, 64, 56, 56) 2.8-3.3 against 3.3 ms), so its budget is LONG_GROUP_BYTES_BWD. The
-# training forward in groups: (32, 64, 56, 56) float32 2.25-2.36 -> 1.76 ms, (64, 128, 56, 56) 8.7-8.8 ->
-# 7.8-8.3 ms, float64 (32, 64, 56, 56) 3.5-3.6 -> 2.4-2.8 ms, (64, 128, 56, 56) 13.7-14.6 -> 9.1-9.6 ms
-# (2 threads, medians of 21 interleaved rounds, two alternating processes each). The statistics and
-# gradient-sum kernels (synchronized BN, precise statistics) read their groups once, within
+# training forward in groups: (32, 64, 56, 56) float32 2.25-2.36 -> 1.76-1.88 ms, (64, 128, 56, 56)
+# 8.7-8.8 -> 7.1-8.3 ms (2 threads, medians of 21 interleaved rounds, alternating processes); float64
+# varies from process to process: (64, 128, 56, 56) 13.7-15.2 ms before (5 processes), 9.1-9.6 ms in 2
+# of 9 processes after, 11.0 in one, 13.2-14.7 in 6; (32, 64, 56, 56) 3.4-3.6 -> 2.4-3.5 ms. The
+# statistics and gradient-sum kernels (synchronized BN, precise statistics) read their groups once, within
 # LONG_GROUP_BYTES: float32 (64, 128, 3136) statistics 4.9-5.1 -> 3.3-3.4 ms, gradient sums 8.4-8.8 ->
 # 6.4 ms; (32, 64, 3136) 1.1-1.2 -> 0.5-0.7 ms and 1.7-2.0 -> 0.8-1.2 ms.
 # Per-channel results do not depend on the grouping (each channel's rows are added in row order).
