@@ -15,7 +15,7 @@ from fastbn._kernels.fwd import expand, tile
 from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
                                   CL_STREAM_SLAB_ELEMS, LONG_GROUP_BYTES, LONG_GROUP_BYTES_BWD, long_group,
-                                  n_chunks, slab_channels, task_range)
+                                  n_chunks, slab_channels, task_channels, task_range)
 from fastbn._kernels.reduce import cf_chunk_grad_sums, cf_group_grad_sums, cl_chunk_grad_sums
 from fastbn._kernels.rows import affine_coefficients, grad_rows, grad_run, grad_slabs, grad_vec
 
@@ -62,11 +62,9 @@ def grad_sums_owned(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
     buf = np.empty((3, SLAB_ELEMS))
     G = slab_channels(B) if short else long_group(A, B, xf.itemsize, 2, LONG_GROUP_BYTES)
     tmp = np.empty((2, G))
-    u0, u1 = task_range(t, nt, n_chunks(C, slab_channels(B)))  # slab groups, or channels
-    step = 1 if short else G
-    for u in range(u0, u1, step):
-        c0 = u * G if short else u
-        c1 = min(C, c0 + G) if short else min(u1, c0 + G)
+    lo, hi = task_channels(t, nt, C, B)
+    for c0 in range(lo, hi, G):
+        c1 = min(hi, c0 + G)
         cf_group_grad_sums(dyf, xf, yf, A, CS, B, c0, c1, P[B_MEAN], relu, buf, P[B_SUM_DY, c0:c1],
                            P[B_DOT, c0:c1], tmp[0], tmp[1], short)
 

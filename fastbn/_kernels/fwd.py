@@ -16,7 +16,7 @@ from fastbn._jit import choose, choose_by_layout, helper
 from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
                                   CL_STREAM_SLAB_ELEMS, LONG_GROUP_BYTES, long_group, n_chunks, slab_channels,
-                                  task_range)
+                                  task_channels, task_range)
 from fastbn._kernels.reduce import cf_chunk_stats, cf_group_stats, cl_chunk_stats
 from fastbn._kernels.rows import act_rows, act_run, act_slabs, act_vec, affine_coefficients
 
@@ -103,11 +103,9 @@ def stats_task_owned(t, nt, xf, A, C, CS, B, P, part, short):
     buf = np.empty((3, SLAB_ELEMS))
     G = slab_channels(B) if short else long_group(A, B, xf.itemsize, 1, LONG_GROUP_BYTES)
     tmp = np.empty((2, G))
-    u0, u1 = task_range(t, nt, n_chunks(C, slab_channels(B)))  # slab groups, or channels
-    step = 1 if short else G
-    for u in range(u0, u1, step):
-        c0 = u * G if short else u
-        c1 = min(C, c0 + G) if short else min(u1, c0 + G)
+    lo, hi = task_channels(t, nt, C, B)
+    for c0 in range(lo, hi, G):
+        c1 = min(hi, c0 + G)
         cf_group_stats(xf, A, CS, B, c0, c1, buf, P[MEAN, c0:c1], P[M2, c0:c1], tmp[0], tmp[1], short)
 
 

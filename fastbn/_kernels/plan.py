@@ -141,6 +141,15 @@ def long_group(A, B, itemsize, arrays, budget):
 
 
 @helper(inline=True)
+def task_channels(t, nt, C, B):
+    """The channels [c0, c1) of the t-th of nt shares of owned channels: whole short-row slab groups
+    (``slab_channels``), or channels."""
+    S = slab_channels(B)
+    g0, g1 = task_range(t, nt, n_chunks(C, S))
+    return g0 * S, min(C, g1 * S)
+
+
+@helper(inline=True)
 def cl_block(C):
     """Channels per channels-last block."""
     return min(C, SLAB_ELEMS)

@@ -45,22 +45,21 @@ def zero_fill(v):
 def cf_chunk_stats_long(xf, C, B, c0, c1, a0, a1, buf, pm, pq):
     # row by row over the channels (one contiguous run per row: plan.long_group), each channel's rows
     # added in row order: the same bits as one channel at a time
+    # (the sums accumulate in pm, pq, turned into (mean, M2) at the end, as cl_chunk_stats does)
     cnt = float((a1 - a0) * B)
     g = c1 - c0
     K = buf[0, :g]
-    S1 = buf[1, :g]
-    S2 = buf[2, :g]
     for i in range(g):
         K[i] = np.float64(ld(xf[(a0 * C + c0 + i) * B]))
-        S1[i] = 0.0
-        S2[i] = 0.0
+        pm[i] = 0.0
+        pq[i] = 0.0
     for a in range(a0, a1):
         for i in range(g):
             u, v = shifted_sums_run(xf, (a * C + c0 + i) * B, B, K[i])
-            S1[i] += u
-            S2[i] += v
+            pm[i] += u
+            pq[i] += v
     for i in range(g):
-        pm[i], pq[i] = shifted_to_stats(K[i], S1[i], S2[i], cnt)
+        pm[i], pq[i] = shifted_to_stats(K[i], pm[i], pq[i], cnt)
 
 
 @helper
@@ -123,22 +122,17 @@ def cf_merge_partials(pm, pq, A, B):
 
 @helper
 def cf_chunk_grad_sums_long(dyf, xf, yf, C, B, c0, c1, a0, a1, mean, relu, buf, psd, psx):
-    # row by row over the channels, as cf_chunk_stats_long
+    # row by row over the channels, as cf_chunk_stats_long, accumulating in psd, psx
     g = c1 - c0
-    SD = buf[1, :g]
-    SX = buf[2, :g]
     for i in range(g):
-        SD[i] = 0.0
-        SX[i] = 0.0
+        psd[i] = 0.0
+        psx[i] = 0.0
     for a in range(a0, a1):
         for i in range(g):
             u, v = choose(relu, "grad_sums_run_masked", "grad_sums_run",
                           (dyf, xf, yf, (a * C + c0 + i) * B, B, mean[c0 + i]))
-            SD[i] += u
-            SX[i] += v
-    for i in range(g):
-        psd[i] = SD[i]
-        psx[i] = SX[i]
+            psd[i] += u
+            psx[i] += v
 
 
 @helper
