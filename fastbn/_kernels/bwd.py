@@ -155,35 +155,33 @@ def backward_owned_task(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, froze
 
 
 @helper
-def grad_apply_cl(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream, reverse):
+def grad_apply_cl(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream):
     zero = np.zeros(1, coef.dtype)[0]
     if not stream:  # row by row, the coefficient rows as they are
         r0, r1 = task_range(t, nt, A)
-        grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, CS, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d, reverse)
+        grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, CS, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d)
         return
     r0, r1 = task_range(t, nt, A)
     if CS != C:  # a channel window: rows are apart, one row at a time
-        for j in range(r1 - r0):
-            r = r1 - 1 - j if reverse else r0 + j
+        for r in range(r0, r1):
             grad_vec(dyf, xf, yf, dxf, df, r * CS, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d, stream)
         return
     # streaming: line-aligned slabs of the task's contiguous run (rows.grad_slabs)
     reps = (CL_STREAM_SLAB_ELEMS + C - 1) // C + 1
     E = np.empty((4, reps * C), coef.dtype)
     tile(coef, C, reps, E)
-    grad_slabs(dyf, xf, yf, dxf, df, r0 * C, r1 * C, C, E, zero, relu, write_d, reverse)
+    grad_slabs(dyf, xf, yf, dxf, df, r0 * C, r1 * C, C, E, zero, relu, write_d)
 
 
 @helper
-def grad_apply_cf_short(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream, reverse):
+def grad_apply_cf_short(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream):
     zero = np.zeros(1, coef.dtype)[0]
     G = slab_channels(B)
     E = np.empty((4, G * B), coef.dtype)
     p0, p1 = task_range(t, nt, n_chunks(C, G) * A)
     cur = -1
     L = 0
-    for j in range(p1 - p0):
-        p = p1 - 1 - j if reverse else p0 + j
+    for p in range(p0, p1):
         g = p // A
         a = p - g * A
         c0 = g * G
@@ -197,24 +195,23 @@ def grad_apply_cf_short(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, wr
 
 
 @helper
-def grad_apply_cf_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream, reverse):
+def grad_apply_cf_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream):
     zero = np.zeros(1, coef.dtype)[0]
     i0, i1 = task_range(t, nt, A * C)
-    for j in range(i1 - i0):
-        i = i1 - 1 - j if reverse else i0 + j
+    for i in range(i0, i1):
         c = i % C
         grad_run(dyf, xf, yf, dxf, df, i * B, B, coef[0, c], coef[3, c], coef[1, c], coef[2, c], zero, relu,
                  write_d, stream)
 
 
 @helper
-def grad_apply_cf(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream, reverse):
-    choose(short, "grad_apply_cf_short", "grad_apply_cf_long", (t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream, reverse))
+def grad_apply_cf(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream):
+    choose(short, "grad_apply_cf_short", "grad_apply_cf_long", (t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream))
 
 
 @helper(inline=True)
-def grad_apply_task(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, cl, owned, short, relu, write_d, stream, reverse):
+def grad_apply_task(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, cl, owned, short, relu, write_d, stream):
     """The t-th of nt shares of a dx pass (``cl``, ``owned``, ``short`` and the flags: literals)."""
-    choose_by_layout(cl, owned, "grad_apply_cl", "grad_apply_cf", "grad_apply_cf", (t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream, reverse))
+    choose_by_layout(cl, owned, "grad_apply_cl", "grad_apply_cf", "grad_apply_cf", (t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream))
     if stream:
         store_fence()

@@ -107,7 +107,7 @@ def normalize(nth, x, res, y, mean, a, b, shift, eps, from_var, c0, c1):
         k = a[c0 + c] / np.sqrt(b[c0 + c] + eps) if from_var else a[c0 + c]
         affine_coefficients(coef, c, mean[c0 + c], k, shift[c0 + c])
     affine_core(nth, flat(x, c0, B), flat(res, c0, B), flat(y, c0, B), A, C, CS, B, coef, CL, OWNED, SHORT, RELU,
-                HAS_RES, STREAM, opaque(False))
+                HAS_RES, STREAM)
 
 
 @kernel("CL", "OWNED", "SHORT", "RELU", "WRITE_D", "STREAM")
@@ -203,4 +203,4 @@ def input_grad(nth, dy, x, y, dx, dres, coefs, c0, c1):
         affine_coefficients(coef, c, coefs[0, c0 + c], coefs[2, c0 + c], coefs[3, c0 + c])
         coef[3, c] = coefs[1, c0 + c]
     grad_apply_core(nth, flat(dy, c0, B), flat(x, c0, B), flat(y, c0, B), flat(dx, c0, B), flat(dres, c0, B), A, C,
-                    CS, B, coef, CL, OWNED, SHORT, RELU, WRITE_D, STREAM, opaque(False))
+                    CS, B, coef, CL, OWNED, SHORT, RELU, WRITE_D, STREAM)

@@ -191,21 +191,20 @@ def train_owned_task(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, d
 
 
 # ---- normalize: y = act((x - m) * k + t [+ res]) with per-channel coefficients over a share of the rows
-# (channels-first long rows) or slabs (short rows, channels-last). ``reverse`` walks the share backwards,
-# so a pass right after a statistics pass starts on what that pass left in L3.
+# (channels-first long rows) or slabs (short rows, channels-last), walked forwards (see
+# core.train_two_pass_core).
 
 
 @helper
-def affine_cl(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream, reverse):
+def affine_cl(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream):
     zero = np.zeros(1, coef.dtype)[0]
     if not stream:  # row by row, the coefficient rows as they are
         r0, r1 = task_range(t, nt, A)
-        act_rows(xf, rf, yf, r0, r1, C, CS, coef[0], coef[1], coef[2], zero, relu, has_res, reverse)
+        act_rows(xf, rf, yf, r0, r1, C, CS, coef[0], coef[1], coef[2], zero, relu, has_res)
         return
     r0, r1 = task_range(t, nt, A)
     if CS != C:  # a channel window: rows are apart, one row at a time
-        for j in range(r1 - r0):
-            r = r1 - 1 - j if reverse else r0 + j
+        for r in range(r0, r1):
             act_vec(xf, rf, yf, r * CS, coef[0], coef[1], coef[2], zero, relu, has_res, stream)
         return
     # streaming: the task's rows are one contiguous run, written in line-aligned slabs (rows.act_slabs)
@@ -213,19 +212,18 @@ def affine_cl(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream
     reps = (CL_STREAM_SLAB_ELEMS + C - 1) // C + 1
     E = np.empty((3, reps * C), coef.dtype)
     tile(coef, C, reps, E)
-    act_slabs(xf, rf, yf, r0 * C, r1 * C, C, E, zero, relu, has_res, reverse)
+    act_slabs(xf, rf, yf, r0 * C, r1 * C, C, E, zero, relu, has_res)
 
 
 @helper
-def affine_cf_short(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream, reverse):
+def affine_cf_short(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream):
     zero = np.zeros(1, coef.dtype)[0]
     G = slab_channels(B)
     E = np.empty((3, G * B), coef.dtype)
     p0, p1 = task_range(t, nt, n_chunks(C, G) * A)
     cur = -1
     L = 0
-    for j in range(p1 - p0):  # slabs (group g of channels, row a), group-major
-        p = p1 - 1 - j if reverse else p0 + j
+    for p in range(p0, p1):  # slabs (group g of channels, row a), group-major
         g = p // A
         a = p - g * A
         c0 = g * G
@@ -238,23 +236,22 @@ def affine_cf_short(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream,
 
 
 @helper
-def affine_cf_long(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream, reverse):
+def affine_cf_long(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream):
     zero = np.zeros(1, coef.dtype)[0]
     i0, i1 = task_range(t, nt, A * C)
-    for j in range(i1 - i0):
-        i = i1 - 1 - j if reverse else i0 + j
+    for i in range(i0, i1):
         c = i % C
         act_run(xf, rf, yf, i * B, B, coef[0, c], coef[1, c], coef[2, c], zero, relu, has_res, stream)
 
 
 @helper
-def affine_cf(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream, reverse):
-    choose(short, "affine_cf_short", "affine_cf_long", (t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream, reverse))
+def affine_cf(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream):
+    choose(short, "affine_cf_short", "affine_cf_long", (t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream))
 
 
 @helper(inline=True)
-def affine_task(t, nt, xf, rf, yf, A, C, CS, B, coef, cl, owned, short, relu, has_res, stream, reverse):
+def affine_task(t, nt, xf, rf, yf, A, C, CS, B, coef, cl, owned, short, relu, has_res, stream):
     """The t-th of nt shares of a normalize pass (``cl``, ``owned``, ``short``: literals)."""
-    choose_by_layout(cl, owned, "affine_cl", "affine_cf", "affine_cf", (t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream, reverse))
+    choose_by_layout(cl, owned, "affine_cl", "affine_cf", "affine_cf", (t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream))
     if stream:
         store_fence()

@@ -187,7 +187,7 @@ def act_vec(xf, rf, yf, s, M, K, T, zero, relu, has_res, stream):
 
 
 @helper
-def act_slabs(xf, rf, yf, e0, e1, C, E, zero, relu, has_res, reverse):
+def act_slabs(xf, rf, yf, e0, e1, C, E, zero, relu, has_res):
     """y = act((x - M) * K + T [+ res]) over the contiguous channels-last run [e0, e1) (whole rows of C
     values), written as stream_pieces splits it: line-aligned slabs with streaming stores. E holds the
     coefficient rows tiled (E[r, j] = coef[r, j % C], at least L + C wide); a piece starting at s reads
@@ -197,7 +197,7 @@ def act_slabs(xf, rf, yf, e0, e1, C, E, zero, relu, has_res, reverse):
     L = CL_STREAM_SLAB_ELEMS
     a, b, c, K, ok = stream_pieces(yf, e0, e1, L)
     for j in range(K + 3):
-        s, n, streamed = stream_piece(K + 2 - j if reverse else j, e0, a, b, c, e1, K, L, ok)
+        s, n, streamed = stream_piece(j, e0, a, b, c, e1, K, L, ok)
         p = s % C
         x = xf[s:s + n]
         r = rf[s:s + n]
@@ -214,13 +214,12 @@ def act_slabs(xf, rf, yf, e0, e1, C, E, zero, relu, has_res, reverse):
 
 
 @helper
-def act_rows(xf, rf, yf, r0, r1, C, CS, M, K, T, zero, relu, has_res, reverse):
+def act_rows(xf, rf, yf, r0, r1, C, CS, M, K, T, zero, relu, has_res):
     """Channels-last rows r0..r1 (of C values) of y = act((x - M) * K + T [+ res]), M, K, T per channel,
-    in one call (a call per row of 64 values cost ~5 ns a row, a quarter of the pass); ``reverse`` walks
-    the rows backwards. Rows are CS values apart (C == CS unless a channel window, see entries.py).
+    in one call (a call per row of 64 values cost ~5 ns a row, a quarter of the pass). Rows are CS values
+    apart (C == CS unless a channel window, see entries.py).
     Ordinary stores (streaming passes use act_vec over slabs)."""
-    for j in range(r1 - r0):
-        r = r1 - 1 - j if reverse else r0 + j
+    for r in range(r0, r1):
         x = xf[r * CS:r * CS + C]
         rr = rf[r * CS:r * CS + C]
         y = yf[r * CS:r * CS + C]
@@ -332,14 +331,14 @@ def grad_vec(dyf, xf, yf, dxf, df, s, M, KX, K0, KDY, zero, relu, write_d, strea
 
 
 @helper
-def grad_slabs(dyf, xf, yf, dxf, df, e0, e1, C, E, zero, relu, write_d, reverse):
+def grad_slabs(dyf, xf, yf, dxf, df, e0, e1, C, E, zero, relu, write_d):
     """dx over the contiguous channels-last run [e0, e1) in line-aligned slabs (see act_slabs); E rows
     (M, KX, K0, KDY) tiled; d = g too with write_d (streamed only where d_streams)."""
     L = CL_STREAM_SLAB_ELEMS
     a, b, c, K, ok = stream_pieces(dxf, e0, e1, L)
     d_nt = write_d and d_streams(df, dxf)
     for j in range(K + 3):
-        s, n, streamed = stream_piece(K + 2 - j if reverse else j, e0, a, b, c, e1, K, L, ok)
+        s, n, streamed = stream_piece(j, e0, a, b, c, e1, K, L, ok)
         p = s % C
         dy = dyf[s:s + n]
         x = xf[s:s + n]
@@ -372,10 +371,9 @@ def grad_slabs(dyf, xf, yf, dxf, df, e0, e1, C, E, zero, relu, write_d, reverse)
 
 
 @helper
-def grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, CS, M, KX, K0, KDY, zero, relu, write_d, reverse):
+def grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, CS, M, KX, K0, KDY, zero, relu, write_d):
     """Channels-last rows r0..r1 of grad_vec in one call (see act_rows)."""
-    for j in range(r1 - r0):
-        r = r1 - 1 - j if reverse else r0 + j
+    for r in range(r0, r1):
         dy = dyf[r * CS:r * CS + C]
         x = xf[r * CS:r * CS + C]
         y = yf[r * CS:r * CS + C]
