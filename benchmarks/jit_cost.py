@@ -66,19 +66,14 @@ _FIRST_CALLS = (
 
 
 def _cold_cpu_s() -> tuple[float, float]:
-    import os
     import pathlib
-    import shutil
     import tempfile
 
-    import fastbn
+    from fastbn._isolated import copy_package, fresh_env
 
     with tempfile.TemporaryDirectory() as d:
-        site = pathlib.Path(d) / "site"
-        shutil.copytree(pathlib.Path(fastbn.__file__).parent, site / "fastbn",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
-        env.update(PYTHONPATH=str(site), HOME=d, TMPDIR=d, XDG_CACHE_HOME=d, NUMBA_CACHE_DIR=str(pathlib.Path(d) / "c"))
+        site = copy_package(pathlib.Path(d) / "site")
+        env = fresh_env(site, d, pathlib.Path(d) / "c")
         out = subprocess.run([sys.executable, "-c", _FIRST_CALLS], env=env, cwd=d, check=True,
                              capture_output=True, text=True).stdout
     first, layer = (float(v) for v in out.split()[-2:])
@@ -111,11 +106,11 @@ def timeraw_first_call_cold_compile():
         "import numpy as np, fastbn\n"
         "fastbn.batch_norm_train(np.ones((4, 8, 16), np.float32))\n"
     ), (
-        "import os, pathlib, shutil, sys, tempfile, fastbn\n"
-        "d = tempfile.mkdtemp()\n"
-        "shutil.copytree(pathlib.Path(fastbn.__file__).parent, pathlib.Path(d) / 'fastbn',\n"
-        "                ignore=shutil.ignore_patterns('__pycache__'))\n"
-        "sys.modules.pop('fastbn'); sys.path.insert(0, d)\n"
+        "import os, sys, tempfile\n"
+        "from fastbn._isolated import copy_package\n"
+        "d = str(copy_package(tempfile.mkdtemp()))\n"
+        "for m in [m for m in sys.modules if m.split('.')[0] == 'fastbn']: del sys.modules[m]\n"
+        "sys.path.insert(0, d)\n"
         "os.environ['NUMBA_CACHE_DIR'] = tempfile.mkdtemp(); os.environ['HOME'] = d\n"
     )
 

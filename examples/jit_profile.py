@@ -17,9 +17,7 @@ parallel-loop passes, lowering to LLVM IR).
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,15 +70,11 @@ def profile() -> dict:
     """``{"total": CPU s, "parts": {name: exclusive CPU s}}`` of a cold run in a fresh interpreter."""
     import json
 
-    import fastbn
+    from fastbn._isolated import copy_package, fresh_env
 
     with tempfile.TemporaryDirectory() as d:
-        site = pathlib.Path(d) / "site"
-        shutil.copytree(pathlib.Path(fastbn.__file__).parent, site / "fastbn",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
-        env.update(PYTHONPATH=str(site), HOME=d, TMPDIR=d, XDG_CACHE_HOME=d,
-                   NUMBA_CACHE_DIR=str(pathlib.Path(d) / "cache"))
+        site = copy_package(pathlib.Path(d) / "site")
+        env = fresh_env(site, d, pathlib.Path(d) / "cache")
         proc = subprocess.run([sys.executable, "-c", _PROFILED], env=env, cwd=d, capture_output=True,
                               text=True, timeout=900)
     if proc.returncode != 0:

@@ -9,17 +9,13 @@ Three processes share one empty cache: the first compiles everything; then the u
 user's function against the parallel kernel variants it loads; the third loads all of that and runs it.
 Each process has a timeout, and a crash shows as its return code.
 """
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
-import fastbn
+from fastbn._isolated import copy_package, fresh_env
 
-PKG = Path(fastbn.__file__).resolve().parent
 TIMEOUT_S = 600
 
 USER = '''
@@ -61,11 +57,9 @@ def _run(args, env, cwd, what):
 
 def test_callers_of_cached_parallel_kernels_load_and_run(tmp_path):
     site, home, cache = tmp_path / "site", tmp_path / "home", tmp_path / "cache"
-    shutil.copytree(PKG, site / "fastbn", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_package(site)
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
-    env.update(PYTHONPATH=str(site), HOME=str(home), TMPDIR=str(home), XDG_CACHE_HOME=str(home / ".cache"),
-               NUMBA_CACHE_DIR=str(cache))
+    env = fresh_env(site, home, cache)
     script = home / "user.py"
     script.write_text(USER)
     results = []

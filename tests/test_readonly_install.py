@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -19,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-import fastbn
+from fastbn._isolated import copy_package, fresh_env
 
-PKG = Path(fastbn.__file__).resolve().parent
 TIMEOUT_S = 180
 
 # batch_norm_infer on a small float64 input (the serial infer kernel): the cheapest cold compile
@@ -78,10 +76,7 @@ def install(tmp_path):
     locked: list[Path] = []
 
     def make(shipped_cache: bool) -> Path:
-        site = tmp_path / "site"
-        ignore = None if shipped_cache else shutil.ignore_patterns("__pycache__")
-        shutil.copytree(PKG, site / "fastbn", ignore=ignore)
-        return site
+        return copy_package(tmp_path / "site", with_cache=shipped_cache)
 
     def read_only(*dirs: Path) -> None:
         for d in dirs:
@@ -95,10 +90,7 @@ def install(tmp_path):
 
 
 def run_child(site: Path, home: Path, tmpdir: Path, cache_dir: Path | None = None, locked: bool = True) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
-    env.update(HOME=str(home), TMPDIR=str(tmpdir), PYTHONPATH=str(site), XDG_CACHE_HOME=str(home / ".cache"))
-    if cache_dir is not None:
-        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    env = fresh_env(site, home, cache_dir, tmpdir=tmpdir)
     pre = _drop_dac_override if os.geteuid() == 0 else None
     try:
         out = subprocess.run([sys.executable, "-c", CHILD, str(site), "locked" if locked else "open"], env=env, cwd=str(home),

@@ -2,19 +2,16 @@
 compiling anything, with the same results (issue 12, item 1). Subprocesses with timeouts, on a copy of
 the package without any cache, so that nothing is loaded from elsewhere."""
 import json
-import os
-import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import fastbn
+from fastbn._isolated import copy_package, fresh_env
 
-PKG = Path(fastbn.__file__).resolve().parent
 TIMEOUT_S = 600
 
 CHILD = """
@@ -37,13 +34,6 @@ print(json.dumps({"compiles": compiles}))
 """
 
 
-def _env(site: Path, home: Path, cache: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
-    env.update(PYTHONPATH=str(site), HOME=str(home), TMPDIR=str(home), XDG_CACHE_HOME=str(home / ".cache"),
-               NUMBA_CACHE_DIR=str(cache))
-    return env
-
-
 def _lock(path: Path) -> None:
     for p in [path, *path.rglob("*")]:
         p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
@@ -51,9 +41,9 @@ def _lock(path: Path) -> None:
 
 def test_warmed_cache_loads_read_only_without_compiling(tmp_path):
     site, home, cache = tmp_path / "site", tmp_path / "home", tmp_path / "cache"
-    shutil.copytree(PKG, site / "fastbn", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_package(site)
     home.mkdir()
-    env = _env(site, home, cache)
+    env = fresh_env(site, home, cache)
     warm = subprocess.run([sys.executable, "-m", "fastbn", "warmup", "--dtypes", "float32", "--kernels",
                            "train,normalize,backward", "--layouts", "cf-short", "--plain", "--cache-dir", str(cache)],
                           env=env, cwd=str(home), capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -84,9 +74,9 @@ def test_warmed_cache_loads_read_only_without_compiling(tmp_path):
 def test_warmup_without_warming_compiles(tmp_path):
     # the check can fail: with an empty cache the same child compiles
     site, home, cache = tmp_path / "site", tmp_path / "home", tmp_path / "cache"
-    shutil.copytree(PKG, site / "fastbn", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_package(site)
     home.mkdir()
-    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "c.npz")], env=_env(site, home, cache),
+    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "c.npz")], env=fresh_env(site, home, cache),
                          cwd=str(home), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.splitlines()[-1])["compiles"] != []
