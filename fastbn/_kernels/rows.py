@@ -218,7 +218,7 @@ def act_rows(xf, rf, yf, r0, r1, C, CS, M, K, T, zero, relu, has_res):
     """Channels-last rows r0..r1 (of C values) of y = act((x - M) * K + T [+ res]), M, K, T per channel,
     in one call (a call per row of 64 values cost ~5 ns a row, a quarter of the pass). Rows are CS values
     apart (C == CS unless a channel window, see entries.py).
-    Ordinary stores (streaming passes use act_vec over slabs)."""
+    Ordinary stores (streaming passes use act_slabs)."""
     for r in range(r0, r1):
         x = xf[r * CS:r * CS + C]
         rr = rf[r * CS:r * CS + C]
