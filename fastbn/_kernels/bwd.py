@@ -111,7 +111,7 @@ def backward_owned_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, froze
     gs = np.empty((4, G))
     zero = np.zeros(1, coef.dtype)[0]
     n = float(A * B)
-    c0, c1 = task_range(t, nt, C)
+    c0, c1 = task_channels(t, nt, C, B)
     for g0 in range(c0, c1, G):
         g1 = min(c1, g0 + G)
         cf_group_grad_sums(dyf, xf, yf, A, CS, B, g0, g1, P[B_MEAN], relu, buf, gs[0], gs[1], gs[2], gs[3], False)
@@ -157,11 +157,10 @@ def backward_owned_task(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, froze
 @helper
 def grad_apply_cl(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream):
     zero = np.zeros(1, coef.dtype)[0]
+    r0, r1 = task_range(t, nt, A)
     if not stream:  # row by row, the coefficient rows as they are
-        r0, r1 = task_range(t, nt, A)
         grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, CS, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d)
         return
-    r0, r1 = task_range(t, nt, A)
     if CS != C:  # a channel window: rows are apart, one row at a time
         for r in range(r0, r1):
             grad_vec(dyf, xf, yf, dxf, df, r * CS, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d, stream)

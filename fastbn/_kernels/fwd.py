@@ -149,7 +149,7 @@ def train_owned_long(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, d
     gst = np.empty((4, G))
     zero = np.zeros(1, coef.dtype)[0]
     n = float(A * B)
-    c0, c1 = task_range(t, nt, C)
+    c0, c1 = task_channels(t, nt, C, B)
     for g0 in range(c0, c1, G):
         g1 = min(c1, g0 + G)
         cf_group_stats(xf, A, CS, B, g0, g1, buf, gst[0], gst[1], gst[2], gst[3], False)
@@ -198,11 +198,10 @@ def train_owned_task(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, d
 @helper
 def affine_cl(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream):
     zero = np.zeros(1, coef.dtype)[0]
+    r0, r1 = task_range(t, nt, A)
     if not stream:  # row by row, the coefficient rows as they are
-        r0, r1 = task_range(t, nt, A)
         act_rows(xf, rf, yf, r0, r1, C, CS, coef[0], coef[1], coef[2], zero, relu, has_res)
         return
-    r0, r1 = task_range(t, nt, A)
     if CS != C:  # a channel window: rows are apart, one row at a time
         for r in range(r0, r1):
             act_vec(xf, rf, yf, r * CS, coef[0], coef[1], coef[2], zero, relu, has_res, stream)
