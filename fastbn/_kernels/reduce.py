@@ -17,7 +17,8 @@ import numpy as np
 from fastbn._jit import choose, helper
 from fastbn._kernels.half import ld
 from fastbn._kernels.plan import cf_rows_per_chunk
-from fastbn._kernels.rows import (chan_merge, grad_sums_rows, shifted_sums_rows, shifted_sums_run, shifted_to_stats)
+from fastbn._kernels.rows import (chan_merge, grad_sums_rows, grad_sums_run, shifted_sums_rows, shifted_sums_run,
+                                 shifted_to_stats)
 
 
 @helper(reduction=True)
@@ -129,8 +130,7 @@ def cf_chunk_grad_sums_long(dyf, xf, yf, C, B, c0, c1, a0, a1, mean, relu, buf, 
         psx[i] = 0.0
     for a in range(a0, a1):
         for i in range(g):
-            u, v = choose(relu, "grad_sums_run_masked", "grad_sums_run",
-                          (dyf, xf, yf, (a * C + c0 + i) * B, B, mean[c0 + i]))
+            u, v = grad_sums_run(dyf, xf, yf, (a * C + c0 + i) * B, B, mean[c0 + i], relu)
             psd[i] += u
             psx[i] += v
 
