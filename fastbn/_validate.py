@@ -71,7 +71,7 @@ def like_x(arr, name: str, x: np.ndarray) -> np.ndarray:
     arr = as_input(arr, name)
     if arr.shape != x.shape:
         raise ValueError(f"{name} must have x's shape {x.shape}, got {arr.shape}")
-    if arr.dtype != x.dtype:
+    if arr.dtype is not x.dtype and arr.dtype != x.dtype:
         raise TypeError(f"{name} must have x's dtype {x.dtype}, got {arr.dtype}")
     return arr
 
@@ -236,11 +236,12 @@ def channel_vector(v, name: str, C: int, default: float | None = None) -> np.nda
         if default is None:
             raise TypeError(f"{name} is required")
         return _constant_vector(C, default)
-    if type(v) is np.ndarray and v.ndim == 1 and v.shape[0] == C:  # fast paths: ~0.2 us
-        if v.dtype is _F64:
+    if type(v) is np.ndarray and v.shape == (C,):  # fast paths: ~0.2 us
+        dt = v.dtype
+        if dt is _F64:
             f = v.flags
             return v if f.c_contiguous and f.writeable else v.copy()
-        if v.dtype.kind == "f":
+        if dt is _F32 or dt.kind == "f":
             return v.astype(_F64)  # a new contiguous writable array, converted
     if not isinstance(v, np.ndarray):
         v = np.asarray(v)
@@ -357,6 +358,17 @@ def output_buffer(out, name: str, layout: Layout, dtype, inputs: tuple) -> tuple
     if out is None:
         y = layout.empty(dtype)
         return y, layout.view(y), False
+    if type(out) is np.ndarray and layout.order is None and out.dtype is dtype and out.shape == layout.shape:
+        # fast path (tiny case: 0.57 against 0.72 us, one flags object instead of five): a C-contiguous
+        # buffer that owns its memory, apart from inputs that own theirs (or is one of them); anything
+        # else takes the checks below
+        f = out.flags
+        if f.owndata and f.writeable and f.c_contiguous:
+            for arr in inputs:
+                if arr is not out and not arr.flags.owndata:
+                    break
+            else:
+                return out, out.reshape(layout.A, layout.C, layout.B), False
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
     result = out

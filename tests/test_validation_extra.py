@@ -152,6 +152,32 @@ def test_vectors_that_are_views_into_out_give_the_right_result():
         assert_close(dx, rdx, 1e-12, f"backward, {name} in out")
 
 
+def test_vector_in_a_wide_dense_out_is_copied():
+    """Dense (2, C) with C beyond one kernel call's channel window (plan.CHANNEL_WINDOW): a gamma that
+    lies in out= itself, straddling its rows, would be overwritten by the first window's output before
+    the second window reads it, unless it is copied first (the kernels copy their per-channel inputs
+    before they write, so only a second window can see the damage). The backward's mean and invstd,
+    rows of the one statistics array the training forward returned, are read as they are."""
+    from fastbn._kernels.plan import CHANNEL_WINDOW
+    C = CHANNEL_WINDOW + 1000
+    rng = np.random.default_rng(3)
+    x = rng.normal(1.0, 2.0, (2, C))
+    rm, rv, g, b = rng.normal(size=C), rng.uniform(0.5, 2.0, C), rng.normal(size=C), rng.normal(size=C)
+    ref = naive.infer_forward(x, rm, rv, g, b)
+    for name in ("gamma", "running_var"):
+        out = np.empty_like(x)
+        args = dict(running_mean=rm, running_var=rv, gamma=g, beta=b)
+        view = out.reshape(-1)[5:5 + C]                                  # row 0 from column 5, into row 1
+        view[...] = args[name]
+        args[name] = view
+        assert_close(fastbn.batch_norm_infer(x, out=out, **args), ref, 1e-12, f"{name} in out")
+    st = fastbn.batch_norm_train(x)
+    assert st.mean.base is not None and st.mean.base is st.invstd.base  # rows of one statistics array
+    dy = rng.normal(size=x.shape)
+    rdx = naive.backward(dy, x, st.mean, st.invstd, g, axis=1)[0]
+    assert_close(fastbn.batch_norm_backward(dy, x, st.mean, st.invstd, g, out=np.empty_like(x)).dx, rdx, 1e-12)
+
+
 def test_gamma_view_into_x_with_in_place_out():
     x = X.copy()
     g = _alias(x[5:], G)  # the last sample's first values hold gamma
