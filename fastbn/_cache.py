@@ -18,7 +18,8 @@ Stamp: Numba stamps a cache entry with its function's own source file only, but 
 code inlines helpers from other files: after an edit of ``common.py``, ``forward.py``'s cached kernels
 silently kept the old loops (seen while tuning: a 10x speed-up did not show until the cache was
 cleared). fastbn's entries are stamped with a digest of every source file of ``fastbn/_kernels``, of
-``fastbn/_jit.py`` (the compile options) and of this file as well.
+``fastbn/_jit.py`` (the compile options), of ``fastbn/_lazycode.py`` (what a helper's entry holds) and of
+this file as well.
 
 Start-up hooks: a loaded entry's hooks (start the thread pool) are put back into its code library, so
 that a function compiled against it (our wrappers, a user's ``@njit(cache=True)`` code) inherits them;
@@ -41,7 +42,8 @@ _WRITABLE: dict[str, bool] = {}
 def kernel_tree_digest() -> str:
     h = hashlib.sha256()
     # _cache.py itself: entries written before a fix of this module (the start-up hooks below) must go
-    for path in sorted((_PKG_DIR / "_kernels").glob("*.py")) + [_PKG_DIR / "_jit.py", _PKG_DIR / "_cache.py"]:
+    for path in sorted((_PKG_DIR / "_kernels").glob("*.py")) + [_PKG_DIR / "_jit.py", _PKG_DIR / "_cache.py",
+                                                                _PKG_DIR / "_lazycode.py"]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
