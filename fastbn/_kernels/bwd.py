@@ -117,9 +117,7 @@ def backward_owned_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, froze
         cf_group_grad_sums(dyf, xf, yf, A, CS, B, g0, g1, P[B_MEAN], relu, buf, gs[0], gs[1], gs[2], gs[3], False)
         _group_coefficients(P, coef, g0, g1, n, gs, frozen)
         for a in range(A):
-            for c in range(g0, g1):
-                grad_run(dyf, xf, yf, dxf, df, (a * CS + c) * B, B, coef[0, c], coef[3, c], coef[1, c], coef[2, c],
-                         zero, relu, write_d, stream)
+            grad_run(dyf, xf, yf, dxf, df, (a * CS + g0) * B, g0, g1, B, coef, zero, relu, write_d, stream)
 
 
 @helper
@@ -197,10 +195,12 @@ def grad_apply_cf_short(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, wr
 def grad_apply_cf_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream):
     zero = np.zeros(1, coef.dtype)[0]
     i0, i1 = task_range(t, nt, A * C)
-    for i in range(i0, i1):
+    i = i0
+    while i < i1:  # runs of rows within one row of A: channels c .. e - 1
         c = i % C
-        grad_run(dyf, xf, yf, dxf, df, i * B, B, coef[0, c], coef[3, c], coef[1, c], coef[2, c], zero, relu,
-                 write_d, stream)
+        e = min(C, c + i1 - i)
+        grad_run(dyf, xf, yf, dxf, df, i * B, c, e, B, coef, zero, relu, write_d, stream)
+        i += e - c
 
 
 @helper

@@ -155,9 +155,7 @@ def train_owned_long(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, d
         cf_group_stats(xf, A, CS, B, g0, g1, buf, gst[0], gst[1], gst[2], gst[3], False)
         _finish_group(P, coef, g0, g1, n, gst, eps, rmin, rmax, dmax, renorm)
         for a in range(A):
-            for c in range(g0, g1):
-                act_run(xf, rf, yf, (a * CS + c) * B, B, coef[0, c], coef[1, c], coef[2, c], zero, relu, has_res,
-                        stream)
+            act_run(xf, rf, yf, (a * CS + g0) * B, g0, g1, B, coef, zero, relu, has_res, stream)
 
 
 @helper
@@ -238,9 +236,12 @@ def affine_cf_short(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream)
 def affine_cf_long(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream):
     zero = np.zeros(1, coef.dtype)[0]
     i0, i1 = task_range(t, nt, A * C)
-    for i in range(i0, i1):
+    i = i0
+    while i < i1:  # runs of rows within one row of A: channels c .. e - 1
         c = i % C
-        act_run(xf, rf, yf, i * B, B, coef[0, c], coef[1, c], coef[2, c], zero, relu, has_res, stream)
+        e = min(C, c + i1 - i)
+        act_run(xf, rf, yf, i * B, c, e, B, coef, zero, relu, has_res, stream)
+        i += e - c
 
 
 @helper
