@@ -14,7 +14,7 @@ Every kernel is a plain Python function of loops, decorated here:
 
 Everything a fastbn dispatcher compiles (its helpers and parallel-loop bodies included) gets machine code
 only where it runs, and the parallel-loop glue is optimized once, in its kernel: ``fastbn/_lazycode.py``
-(the first float32 training forward, backward and inference: LLVM 4.4 -> 2.5 s of CPU).
+(the first float32 training forward, backward and inference: LLVM 4.7 -> 2.8 s of CPU).
 
 All use Numba's on-disk cache and lazy compilation: ``import fastbn`` compiles nothing. Where that cache
 is read and written (a read-only installation included) and how its entries are stamped with every

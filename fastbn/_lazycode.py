@@ -140,7 +140,6 @@ def install() -> bool:
     cls._optimize_final_module = _optimize_final_module
     cls.get_pointer_to_function = get_pointer_to_function
     cls.serialize_using_object_code = serialize_using_object_code
-    cls._fastbn_emit = emit
     codegen.JITCPUCodegen.set_env = set_env
     _INSTALLED.append(True)
     return True

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 import fastbn
 from fastbn import _jit
+from fastbn._lazycode import _pending
 from fastbn._kernels import entries
 
 x = np.random.default_rng(0).normal(3.0, 2.0, (8, 16, 32, 32)).astype(np.float32)  # parallel variant
@@ -36,12 +37,11 @@ def user_sum(a):
 
 
 user_sum(np.ones(3))
-helpers = {name: [(res.library.__dict__.get("_fastbn_pending", False)) for res in d.overloads.values()]
+helpers = {name: [_pending(res.library) for res in d.overloads.values()]
            for name, d in _jit._HELPERS.items() if d.overloads}
 hits = {name: sum(d.stats.cache_hits.values()) for name, d in _jit._HELPERS.items() if d.overloads}
-kernels = [res.library.__dict__.get("_fastbn_pending", False)
-           for disp in entries.train._variants.values() for res in disp.overloads.values()]
-user = [res.library.__dict__.get("_fastbn_pending", False) for res in user_sum.overloads.values()]
+kernels = [_pending(res.library) for disp in entries.train._variants.values() for res in disp.overloads.values()]
+user = [_pending(res.library) for res in user_sum.overloads.values()]
 np.save(sys.argv[2], y)
 print(json.dumps({"helpers": helpers, "hits": hits, "kernels": kernels, "user": user}))
 '''
