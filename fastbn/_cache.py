@@ -43,7 +43,7 @@ def kernel_tree_digest() -> str:
     h = hashlib.sha256()
     # _cache.py itself: entries written before a fix of this module (the start-up hooks below) must go
     for path in sorted((_PKG_DIR / "_kernels").glob("*.py")) + [_PKG_DIR / "_jit.py", _PKG_DIR / "_cache.py",
-                                                                _PKG_DIR / "_lazycode.py"]:
+                                                                _PKG_DIR / "_lazycode.py", _PKG_DIR / "_pipeline.py"]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()

@@ -14,7 +14,9 @@ Every kernel is a plain Python function of loops, decorated here:
 
 Everything a fastbn dispatcher compiles (its helpers and parallel-loop bodies included) gets machine code
 only where it runs, and the parallel-loop glue is optimized once, in its kernel: ``fastbn/_lazycode.py``
-(the first float32 training forward, backward and inference: LLVM 4.7 -> 2.8 s of CPU).
+(the first float32 training forward, backward and inference: LLVM 4.7 -> 2.8 s of CPU). Every dispatcher
+compiles through ``fastbn/_pipeline.py``: Numba's pipeline, plus branches on literal flag arguments
+pruned before type inference.
 
 All use Numba's on-disk cache and lazy compilation: ``import fastbn`` compiles nothing. Where that cache
 is read and written (a read-only installation included) and how its entries are stamped with every
@@ -28,7 +30,7 @@ from typing import Any, Callable
 
 import numba
 
-from fastbn import _lazycode
+from fastbn import _lazycode, _pipeline
 from fastbn._cache import tree_cache_class
 
 _REDUCTION_FLAGS = {"reassoc"}
@@ -41,7 +43,7 @@ PARALLEL_OPTIONS = {"prange": True, "comprehension": False, "reduction": False, 
 
 
 def _jit(fn: Callable, **options):
-    disp = numba.njit(**options)(fn)
+    disp = numba.njit(pipeline_class=_pipeline.Compiler, **options)(fn)
     if _lazycode.install():
         # what this dispatcher compiles, helpers and parallel-loop bodies included, gets its machine code
         # only where it runs (fastbn/_lazycode.py)
@@ -190,9 +192,10 @@ def kernel(*flags: str) -> Callable[[Callable], Kernel]:
     return wrap
 
 
-# ---- compile-time choice between implementations. A flag that reaches a function as a literal (a kernel
-# variant's constant, see Kernel) does not prune the branches it guards: Numba still types and compiles
-# every callee under a dead ``if``. These pick the callee while typing, so the others are never compiled.
+# ---- compile-time choice between implementations. Numba alone does not prune a branch on a flag that
+# reaches a function as a literal (a kernel variant's constant, see Kernel): it types and compiles every
+# callee under a dead ``if``. These pick the callee while typing, so the others are never compiled. Since
+# fastbn/_pipeline.py such a plain ``if flag:`` is pruned as well, before typing; the two are equivalent.
 # Callees are named by string (a dispatcher passed as an argument would be a run-time object, which makes
 # the caller uncacheable); every @helper is registered under its name.
 
