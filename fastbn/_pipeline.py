@@ -11,8 +11,13 @@ writers were still typed, inlined and lowered to LLVM IR (LLVM then dropped them
 ``flag = const(value)`` for every argument typed as a boolean literal. Numba's own dead-branch pass
 (after IR inlining too) then removes the dead branches, those of the helpers inlined at the IR level
 included, before type inference. The compiled signature is the same (the argument keeps its literal
-type; a constant passed on is the same literal), the branches removed are the ones LLVM removed anyway,
-so the machine code and every output bit are unchanged.
+type; a constant passed on is the same literal), and the branches removed are ones LLVM removed anyway.
+Checked on the float32 training forward, backward and inference kernels (channels-first and -last): the
+same vector instructions; the scalar glue around them lost a few tests of flags (``cmpb``/``setne``) and
+four calls in inference. 780 outputs over every layout, float32/float64, 1 and 2 threads: the same bits.
+
+The first float32 training forward, backward and inference (``examples/jit_profile.py``, alternating cold
+runs against the commit before): medians 10.2 -> 7.8 s of CPU (6 pairs) and 8.5 -> 7.4 s (4 pairs).
 """
 from __future__ import annotations
 
@@ -21,8 +26,6 @@ from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.core.compiler_machinery import FunctionPass, register_pass
 from numba.core.ir_utils import build_definitions
 from numba.core.untyped_passes import IRProcessing
-
-# (Numba documents this way of extending its pipeline: "Customizing the compiler" in its developer guide.)
 
 
 @register_pass(mutates_CFG=False, analysis_only=False)
@@ -49,7 +52,8 @@ class LiteralFlagsAsConstants(FunctionPass):
 
 
 class Compiler(CompilerBase):
-    """Numba's nopython pipeline with :class:`LiteralFlagsAsConstants` after the IR is built."""
+    """Numba's nopython pipeline with :class:`LiteralFlagsAsConstants` after the IR is built (the way of
+    extending it that Numba's developer guide shows under "Customizing the compiler")."""
 
     def define_pipelines(self):
         pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
