@@ -1,6 +1,7 @@
-"""Machine code on demand (``fastbn/_lazycode.py``): a fastbn helper gets no machine code of its own, its
-cache entry holds bitcode, a later process links that bitcode into a new kernel variant, and a user's
-own ``@njit`` code compiled in the same process takes Numba's normal path.
+"""Machine code on demand (``fastbn/_lazycode.py``): a fastbn helper and a parallel loop's body get no
+machine code of their own, a helper's cache entry holds bitcode, a later process links that bitcode into
+a new kernel variant, and a user's own ``@njit`` code compiled in the same process takes Numba's normal
+path.
 
 Fresh interpreters on a copy of the package with an empty cache (``fastbn._isolated``), each with a
 timeout. Results are checked against the float64 NumPy reference of ``tests/naive.py``.
@@ -42,8 +43,21 @@ helpers = {name: [_pending(res.library) for res in d.overloads.values()]
 hits = {name: sum(d.stats.cache_hits.values()) for name, d in _jit._HELPERS.items() if d.overloads}
 kernels = [_pending(res.library) for disp in entries.train._variants.values() for res in disp.overloads.values()]
 user = [_pending(res.library) for res in user_sum.overloads.values()]
+
+
+def linked(lib, seen):
+    for sub in lib._linking_libraries:
+        if id(sub) not in seen:
+            seen[id(sub)] = sub
+            linked(sub, seen)
+    return seen.values()
+
+
+# the parallel loop's body: linked into the kernel through the gufunc wrapper, never called from Python
+bodies = [_pending(lib) for disp in entries.train._variants.values() for res in disp.overloads.values()
+          for lib in linked(res.library, {}) if lib.name.startswith("__numba_parfor_gufunc_")]
 np.save(sys.argv[2], y)
-print(json.dumps({"helpers": helpers, "hits": hits, "kernels": kernels, "user": user}))
+print(json.dumps({"helpers": helpers, "hits": hits, "kernels": kernels, "user": user, "bodies": bodies}))
 '''
 
 
@@ -66,6 +80,7 @@ def test_helpers_get_no_machine_code_and_their_bitcode_entries_link(tmp_path):
     assert first["helpers"], "no fastbn helper was compiled"
     assert all(all(p) for p in first["helpers"].values()), first["helpers"]  # no machine code of their own
     assert first["kernels"] and not any(first["kernels"])  # the kernel Python calls has its machine code
+    assert first["bodies"] and all(first["bodies"]), first["bodies"]  # its parallel loop's body has none
     assert first["user"] == [False]  # a user's function: Numba's normal path
     np.testing.assert_allclose(np.load(tmp_path / "plain.npy"), ref, rtol=1e-5, atol=1e-5)
 
