@@ -13,8 +13,9 @@ Every kernel is a plain Python function of loops, decorated here:
   entering a parallel region costs ~1.5 us with the OpenMP layer and 25-90 us with workqueue.
 
 Everything a fastbn dispatcher compiles (its helpers and parallel-loop bodies included) gets machine code
-only where it runs, and the parallel-loop glue is optimized once, in its kernel: ``fastbn/_lazycode.py``
-(the first float32 training forward, backward and inference: LLVM 4.7 -> 2.8 s of CPU). Every dispatcher
+only where it runs, and what has no float reduction (parallel-loop glue, tasks, row writers) is optimized
+once, in its kernel: ``fastbn/_lazycode.py`` (the first float32 training forward, backward and
+inference: LLVM 4.7 -> 2.8 s of CPU, then 2.0 -> 1.45 s). Every dispatcher
 compiles through ``fastbn/_pipeline.py``: Numba's pipeline, plus branches on literal flag arguments
 pruned before type inference.
 
@@ -42,12 +43,12 @@ PARALLEL_OPTIONS = {"prange": True, "comprehension": False, "reduction": False, 
                     "numpy": False, "stencil": False, "fusion": False, "inplace_binop": False}
 
 
-def _jit(fn: Callable, **options):
+def _jit(fn: Callable, optimize: bool = True, **options):
     disp = numba.njit(pipeline_class=_pipeline.Compiler, **options)(fn)
     if _lazycode.install():
         # what this dispatcher compiles, helpers and parallel-loop bodies included, gets its machine code
         # only where it runs (fastbn/_lazycode.py)
-        disp.compile = _deferred(disp.compile)
+        disp.compile = _deferred(disp.compile, optimize)
     try:
         disp._cache = tree_cache_class()(disp.py_func)
     except (ImportError, AttributeError, TypeError):  # numba internals moved: numba's own cache
@@ -60,9 +61,9 @@ def _jit(fn: Callable, **options):
     return disp
 
 
-def _deferred(compile_: Callable) -> Callable:
+def _deferred(compile_: Callable, optimize: bool) -> Callable:
     def compile(sig):
-        with _lazycode.deferring():
+        with _lazycode.deferring(optimize):
             return compile_(sig)
 
     return compile
@@ -95,7 +96,7 @@ def helper(fn: Callable | None = None, *, reduction: bool = False, inline: bool 
             opts["inline"] = "always"
         elif not python:
             opts.update(_NO_WRAPPERS)
-        disp = _jit(f, **opts)
+        disp = _jit(f, optimize=reduction or python, **opts)
         _register(f.__name__, disp, inline)
         return disp
 

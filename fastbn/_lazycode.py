@@ -11,10 +11,10 @@ the three kernels' own libraries.
 
 While one of fastbn's dispatchers compiles (``deferring()``, entered by ``fastbn._jit``):
 
-- Machine code on demand. A finalized library keeps its optimized LLVM module and is handed to the JIT
+- Machine code on demand. A finalized library keeps its LLVM module and is handed to the JIT
   engine only when something asks for its machine code: a function pointer (the entry point Python
   calls) or its object code. A helper is never called from Python, so its code is emitted only inside
-  the kernels that link it. Its cache entry holds its optimized bitcode (Numba's own 'bitcode' entry
+  the kernels that link it. Its cache entry holds its bitcode (Numba's own 'bitcode' entry
   kind) instead of object code: the bitcode is what a caller links either way. A function's environment
   global (set when Numba builds the function's Python entry) is set once a module defining it is emitted.
 - The parallel-loop body and its two wrappers (libraries Numba names ``__numba_parfor_gufunc_*``,
@@ -26,9 +26,17 @@ While one of fastbn's dispatchers compiles (``deferring()``, entered by ``fastbn
   (``no_cpython_wrapper``): only the gufunc wrapper calls it, through its native entry, and the address
   Numba asked for that Python entry was what still emitted the body's library (~0.1 s a kernel): LLVM
   2.74 -> 2.33 s, the whole first run 7.74 -> 6.94 s (medians of 6 alternating cold runs each; every
-  run's LLVM time below every run's before). Same bits: 780 outputs (training forward, fused
-  forward, inference, backward, fused backward; 13 shapes over every layout; float32 and float64; 1 and
-  2 threads) are bitwise equal to those of the previous commit's kernels.
+  run's LLVM time below every run's before).
+- Only the kernels and the reduction helpers are optimized in their own libraries (``deferring(optimize)``,
+  False for the other helpers). A task or a row writer has no fast-math flags, so no optimizer may
+  reorder its float operations, and the kernel's optimization runs over its code anyway; a reduction
+  helper (``fastmath={"reassoc"}``) is optimized first in its own library, which fixes its vector lanes
+  for every caller. LLVM 2.01 -> 1.45 s, the whole first run 6.00 -> 5.43 s (medians of 4 alternating
+  cold runs each, on a quieter machine than the measurements above).
+
+Same bits throughout: 780 outputs (training forward, fused forward, inference, backward, fused backward;
+13 shapes over every layout; float32 and float64; 1 and 2 threads) are bitwise equal to those of the
+kernels before each of these changes.
 
 Measured (``examples/jit_profile.py``, 6 alternating cold runs against the previous commit): LLVM
 4.73 -> 2.79 s of CPU (medians; 4.48-5.64 and 2.55-3.23), the whole first run 10.9 -> 9.5 s. Kernel
@@ -57,14 +65,18 @@ _ENVS: dict = {}  # environment global name -> Numba environment, set once a mod
 
 
 @contextlib.contextmanager
-def deferring() -> Iterator[None]:
-    """Libraries finalized inside this block get their machine code on demand (see the module doc)."""
+def deferring(optimize: bool = True) -> Iterator[None]:
+    """Libraries finalized inside this block get their machine code on demand (see the module doc); with
+    ``optimize=False`` the library of the function compiled in it skips its module optimization."""
     depth = getattr(_STATE, "depth", 0)
+    outer = getattr(_STATE, "optimize", True)
     _STATE.depth = depth + 1
+    _STATE.optimize = optimize
     try:
         yield
     finally:
         _STATE.depth = depth
+        _STATE.optimize = outer
 
 
 def _pending(lib) -> bool:
@@ -123,7 +135,7 @@ def install() -> bool:
         orig_finalize(self)
 
     def _optimize_final_module(self):
-        if getattr(_STATE, "depth", 0) and self.name.startswith(_PARFOR_GLUE):
+        if getattr(_STATE, "depth", 0) and (self.name.startswith(_PARFOR_GLUE) or not _STATE.optimize):
             return
         orig_optimize(self)
 
@@ -150,7 +162,7 @@ def install() -> bool:
         return orig_body(lowerer, parfor, typemap, typingctx, targetctx, flags, *args)
 
     def serialize_using_object_code(self):
-        if _pending(self):  # never run natively: its optimized bitcode is all a caller links
+        if _pending(self):  # never run natively: its bitcode is all a caller links
             return (self.name, "bitcode", self._final_module.as_bitcode())
         return orig_serialize(self)
 
