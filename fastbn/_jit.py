@@ -15,9 +15,9 @@ Every kernel is a plain Python function of loops, decorated here:
 Everything a fastbn dispatcher compiles (its helpers and parallel-loop bodies included) gets machine code
 only where it runs, and what has no float reduction (parallel-loop glue, tasks, row writers) is optimized
 once, in its kernel: ``fastbn/_lazycode.py`` (the first float32 training forward, backward and
-inference: LLVM 4.7 -> 2.8 s of CPU, then 2.0 -> 1.45 s). Every dispatcher
-compiles through ``fastbn/_pipeline.py``: Numba's pipeline, plus branches on literal flag arguments
-pruned before type inference.
+inference: LLVM 4.7 -> 2.8 s of CPU, then 2.0 -> 1.45 s). Every dispatcher compiles through
+``fastbn/_pipeline.py``: Numba's pipeline, plus branches on literal flag arguments pruned before type
+inference.
 
 All use Numba's on-disk cache and lazy compilation: ``import fastbn`` compiles nothing. Where that cache
 is read and written (a read-only installation included) and how its entries are stamped with every
