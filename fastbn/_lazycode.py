@@ -1,4 +1,4 @@
-"""Less LLVM work for fastbn's compiles: machine code on demand, and no optimization of parallel-loop glue.
+"""Less LLVM work for fastbn's compiles: machine code on demand, and code without reductions optimized once.
 
 Numba compiles every function into its own code library and finalizes it at once: it optimizes the
 library's module (callees linked in) and emits machine code for it. A fastbn kernel stacks five libraries:
@@ -38,12 +38,13 @@ Same bits throughout: 780 outputs (training forward, fused forward, inference, b
 13 shapes over every layout; float32 and float64; 1 and 2 threads) are bitwise equal to those of the
 kernels before each of these changes.
 
-Measured (``examples/jit_profile.py``, 6 alternating cold runs against the previous commit): LLVM
-4.73 -> 2.79 s of CPU (medians; 4.48-5.64 and 2.55-3.23), the whole first run 10.9 -> 9.5 s. Kernel
-speed unchanged: the same kernels compiled both ways in one process and timed interleaved (parallel
-variants on 1 thread, 6 shapes x training forward, inference, backward, medians of 31 rounds): 15 of the
-18 medians within 3%; the three training forwards, where the round order dominated, within 1-3% once
-the rounds were balanced.
+The first two bullets as first written (before the body lost its Python entry), measured with
+``examples/jit_profile.py``, 6 alternating cold runs against the commit before them: LLVM 4.73 -> 2.79 s
+of CPU (medians; 4.48-5.64 and 2.55-3.23), the whole first run 10.9 -> 9.5 s. Kernel speed unchanged:
+the same kernels compiled both ways in one process and timed interleaved (parallel variants on 1
+thread, 6 shapes x training forward, inference, backward, medians of 31 rounds): 15 of the 18 medians
+within 3%; the three training forwards, where the round order dominated, within 1-3% once the rounds
+were balanced.
 
 Everything compiled outside fastbn's dispatchers, a user's own ``@njit`` functions included, takes
 Numba's path unchanged. If Numba's internals are not what this expects (another version), nothing is
