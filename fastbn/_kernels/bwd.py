@@ -8,14 +8,13 @@ k_0 = -k_dy * sum_dy / n (frozen statistics: k_x = k_0 = 0); with ``write_d`` al
 """
 from __future__ import annotations
 
-import numpy as np
-
 from fastbn._jit import choose, choose_by_layout, helper
 from fastbn._kernels.fwd import expand, tile
 from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
                                   CL_STREAM_SLAB_ELEMS, LONG_GROUP_BYTES, LONG_GROUP_BYTES_BWD, long_group,
                                   n_chunks, slab_channels, task_channels, task_range)
+from fastbn._kernels.prims import compute_empty, f64_empty, min2, zero_of
 from fastbn._kernels.reduce import cf_chunk_grad_sums, cf_group_grad_sums, cl_chunk_grad_sums
 from fastbn._kernels.rows import affine_coefficients, grad_rows, grad_run, grad_slabs, grad_vec
 
@@ -41,7 +40,7 @@ def grad_coefficients(coef, c, n, sum_dy, dot, mean, invstd, gamma, frozen):
 @helper
 def grad_sums_cl(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
     """Channels-last: (row chunk, channel block) sums into part[0/1, k, c]."""
-    buf = np.empty((3, SLAB_ELEMS))
+    buf = f64_empty((3, SLAB_ELEMS))
     mean = P[B_MEAN]
     rpc = cl_rows_per_chunk(A, C)
     cb = cl_block(C)
@@ -50,8 +49,8 @@ def grad_sums_cl(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
     for u in range(u0, u1):
         k = u // nb
         c0 = (u - k * nb) * cb
-        c1 = min(C, c0 + cb)
-        cl_chunk_grad_sums(dyf, xf, yf, CS, k * rpc, min(A, (k + 1) * rpc), c0, c1, mean[c0:c1], relu, buf,
+        c1 = min2(C, c0 + cb)
+        cl_chunk_grad_sums(dyf, xf, yf, CS, k * rpc, min2(A, (k + 1) * rpc), c0, c1, mean[c0:c1], relu, buf,
                            part[0, k, c0:c1], part[1, k, c0:c1])
 
 
@@ -59,12 +58,12 @@ def grad_sums_cl(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
 def grad_sums_owned(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
     """Channels-first, owned channels: whole channels (slab groups; long rows: groups of
     plan.long_group, as fwd.stats_task_owned) into P[B_SUM_DY], P[B_DOT]."""
-    buf = np.empty((3, SLAB_ELEMS))
+    buf = f64_empty((3, SLAB_ELEMS))
     G = slab_channels(B) if short else long_group(A, B, xf.itemsize, 2, LONG_GROUP_BYTES)
-    tmp = np.empty((2, G))
+    tmp = f64_empty((2, G))
     lo, hi = task_channels(t, nt, C, B)
     for c0 in range(lo, hi, G):
-        c1 = min(hi, c0 + G)
+        c1 = min2(hi, c0 + G)
         cf_group_grad_sums(dyf, xf, yf, A, CS, B, c0, c1, P[B_MEAN], relu, buf, P[B_SUM_DY, c0:c1],
                            P[B_DOT, c0:c1], tmp[0], tmp[1], short)
 
@@ -72,14 +71,14 @@ def grad_sums_owned(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
 @helper
 def grad_sums_split(t, nt, dyf, xf, yf, A, C, CS, B, P, part, short, relu):
     """Channels-first, few channels: (channel, chunk) sums into part[0/1, c, k]."""
-    buf = np.empty((3, SLAB_ELEMS))
+    buf = f64_empty((3, SLAB_ELEMS))
     rpc = cf_rows_per_chunk(B)
     K = n_chunks(A, rpc)
     u0, u1 = task_range(t, nt, C * K)
     for u in range(u0, u1):
         c = u // K
         k = u - c * K
-        cf_chunk_grad_sums(dyf, xf, yf, CS, B, c, c + 1, k * rpc, min(A, (k + 1) * rpc), P[B_MEAN], relu, buf,
+        cf_chunk_grad_sums(dyf, xf, yf, CS, B, c, c + 1, k * rpc, min2(A, (k + 1) * rpc), P[B_MEAN], relu, buf,
                            part[0, c, k:k + 1], part[1, c, k:k + 1], short)
 
 
@@ -106,14 +105,14 @@ def _group_coefficients(P, coef, c0, c1, n, gs, frozen):
 def backward_owned_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, frozen, relu, write_d, stream):
     # the task's channels in groups (plan.long_group; x and dy count towards a group's size), each read
     # and written row by row
-    buf = np.empty((3, SLAB_ELEMS))
+    buf = f64_empty((3, SLAB_ELEMS))
     G = long_group(A, B, xf.itemsize, 2, LONG_GROUP_BYTES_BWD)
-    gs = np.empty((4, G))
-    zero = np.zeros(1, coef.dtype)[0]
+    gs = f64_empty((4, G))
+    zero = zero_of(coef)
     n = float(A * B)
     c0, c1 = task_channels(t, nt, C, B)
     for g0 in range(c0, c1, G):
-        g1 = min(c1, g0 + G)
+        g1 = min2(c1, g0 + G)
         cf_group_grad_sums(dyf, xf, yf, A, CS, B, g0, g1, P[B_MEAN], relu, buf, gs[0], gs[1], gs[2], gs[3], False)
         _group_coefficients(P, coef, g0, g1, n, gs, frozen)
         for a in range(A):
@@ -123,15 +122,15 @@ def backward_owned_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, froze
 @helper
 def backward_owned_short(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, frozen, relu, write_d, stream):
     G = slab_channels(B)
-    buf = np.empty((3, SLAB_ELEMS))
-    gs = np.empty((4, G))
-    E = np.empty((4, G * B), coef.dtype)
-    zero = np.zeros(1, coef.dtype)[0]
+    buf = f64_empty((3, SLAB_ELEMS))
+    gs = f64_empty((4, G))
+    E = compute_empty((4, G * B), coef)
+    zero = zero_of(coef)
     n = float(A * B)
     g0, g1 = task_range(t, nt, n_chunks(C, G))
     for g in range(g0, g1):
         c0 = g * G
-        c1 = min(C, c0 + G)
+        c1 = min2(C, c0 + G)
         cf_group_grad_sums(dyf, xf, yf, A, CS, B, c0, c1, P[B_MEAN], relu, buf, gs[0], gs[1], gs[2], gs[3], True)
         _group_coefficients(P, coef, c0, c1, n, gs, frozen)
         L = (c1 - c0) * B
@@ -154,7 +153,7 @@ def backward_owned_task(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, P, coef, froze
 
 @helper
 def grad_apply_cl(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, write_d, stream):
-    zero = np.zeros(1, coef.dtype)[0]
+    zero = zero_of(coef)
     r0, r1 = task_range(t, nt, A)
     if not stream:  # row by row, the coefficient rows as they are
         grad_rows(dyf, xf, yf, dxf, df, r0, r1, C, CS, coef[0], coef[1], coef[2], coef[3], zero, relu, write_d)
@@ -165,16 +164,16 @@ def grad_apply_cl(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, short, relu, w
         return
     # streaming: line-aligned slabs of the task's contiguous run (rows.grad_slabs)
     reps = (CL_STREAM_SLAB_ELEMS + C - 1) // C + 1
-    E = np.empty((4, reps * C), coef.dtype)
+    E = compute_empty((4, reps * C), coef)
     tile(coef, C, reps, E)
     grad_slabs(dyf, xf, yf, dxf, df, r0 * C, r1 * C, C, E, zero, relu, write_d)
 
 
 @helper
 def grad_apply_cf_short(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream):
-    zero = np.zeros(1, coef.dtype)[0]
+    zero = zero_of(coef)
     G = slab_channels(B)
-    E = np.empty((4, G * B), coef.dtype)
+    E = compute_empty((4, G * B), coef)
     p0, p1 = task_range(t, nt, n_chunks(C, G) * A)
     cur = -1
     L = 0
@@ -183,7 +182,7 @@ def grad_apply_cf_short(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, wr
         a = p - g * A
         c0 = g * G
         if g != cur:
-            c1 = min(C, c0 + G)
+            c1 = min2(C, c0 + G)
             L = (c1 - c0) * B
             expand(coef, c0, c1, B, E)
             cur = g
@@ -193,12 +192,12 @@ def grad_apply_cf_short(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, wr
 
 @helper
 def grad_apply_cf_long(t, nt, dyf, xf, yf, dxf, df, A, C, CS, B, coef, relu, write_d, stream):
-    zero = np.zeros(1, coef.dtype)[0]
+    zero = zero_of(coef)
     i0, i1 = task_range(t, nt, A * C)
     i = i0
     while i < i1:  # runs of rows within one row of A: channels c .. e - 1
         c = i % C
-        e = min(C, c + i1 - i)
+        e = min2(C, c + i1 - i)
         grad_run(dyf, xf, yf, dxf, df, i * B, c, e, B, coef, zero, relu, write_d, stream)
         i += e - c
 

@@ -27,6 +27,7 @@ from fastbn._jit import helper
 from fastbn._kernels import bwd, fwd
 from fastbn._kernels.plan import (cf_rows_per_chunk, cl_rows_per_chunk,
                                   elementwise_units, n_chunks, reduction_units, slab_channels, tasks_for)
+from fastbn._kernels.prims import f64_empty
 from fastbn._kernels.reduce import cf_merge_partials, cl_merge_stats, sum_partials
 
 
@@ -38,12 +39,12 @@ def stats_core(nth, xf, A, C, CS, B, P, cl, owned, short):
     if cl:
         rpc = cl_rows_per_chunk(A, C)
         K = n_chunks(A, rpc)
-        part = np.empty((2, K, C))
+        part = f64_empty((2, K, C))
     elif owned:
-        part = np.empty((1, 1, 1))
+        part = f64_empty((1, 1, 1))
     else:
         K = n_chunks(A, cf_rows_per_chunk(B))
-        part = np.empty((2, C, K))
+        part = f64_empty((2, C, K))
     nt = tasks_for(reduction_units(A, C, B, cl, owned), nth)
     for t in prange(nt):
         fwd.stats_task(np.int64(t), nt, xf, A, C, CS, B, P, part, cl, owned, short)
@@ -97,12 +98,12 @@ def grad_sums_core(nth, dyf, xf, yf, A, C, CS, B, P, cl, owned, short, relu):
     K = 1
     if cl:
         K = n_chunks(A, cl_rows_per_chunk(A, C))
-        part = np.empty((2, K, C))
+        part = f64_empty((2, K, C))
     elif owned:
-        part = np.empty((1, 1, 1))
+        part = f64_empty((1, 1, 1))
     else:
         K = n_chunks(A, cf_rows_per_chunk(B))
-        part = np.empty((2, C, K))
+        part = f64_empty((2, C, K))
     nt = tasks_for(reduction_units(A, C, B, cl, owned), nth)
     for t in prange(nt):
         bwd.grad_sums_task(np.int64(t), nt, dyf, xf, yf, A, C, CS, B, P, part, cl, owned, short, relu)

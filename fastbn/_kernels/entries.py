@@ -24,8 +24,8 @@ from fastbn._jit import helper, kernel
 from fastbn._kernels import bwd, fwd
 from fastbn._kernels.core import (affine_core, backward_owned_core, backward_two_pass_core, grad_apply_core,
                                   grad_sums_core, stats_core, train_owned_core, train_two_pass_core)
-from fastbn._kernels.half import compute_empty
 from fastbn._kernels.intrin import opaque
+from fastbn._kernels.prims import compute_empty, f64_empty
 from fastbn._kernels.rows import affine_coefficients
 
 # compile-time flags (see _jit.Kernel): each variant of a kernel freezes its own values. CL, OWNED and
@@ -68,7 +68,7 @@ def train(nth, x, res, y, gamma, beta, eps, rn_mean, rn_std, clip, stats, c0, c1
         raise ValueError("fastbn kernel: per-channel arrays must have length C")
     if RENORM and (rn_mean.shape[0] != CS or rn_std.shape[0] != CS):
         raise ValueError("fastbn kernel: per-channel arrays must have length C")
-    P = np.empty((fwd.NP_ROWS, C))
+    P = f64_empty((fwd.NP_ROWS, C))
     for c in range(C):
         P[fwd.GAMMA, c] = gamma[c0 + c]
         P[fwd.BETA, c] = beta[c0 + c]
@@ -123,7 +123,7 @@ def backward(nth, dy, x, y, dx, dres, mean, invstd, gamma, frozen, out, c0, c1):
     if mean.shape[0] != CS or invstd.shape[0] != CS or gamma.shape[0] != CS or out.shape[0] < 2 \
             or out.shape[1] != CS:
         raise ValueError("fastbn kernel: per-channel arrays must have length C")
-    P = np.empty((bwd.NP_ROWS, C))
+    P = f64_empty((bwd.NP_ROWS, C))
     for c in range(C):
         P[bwd.B_MEAN, c] = mean[c0 + c]
         P[bwd.B_INVSTD, c] = invstd[c0 + c]
@@ -154,7 +154,7 @@ def stats(nth, x, out, c0, c1):
             out[0, c0 + c] = 0.0
             out[1, c0 + c] = 0.0
         return
-    P = np.empty((fwd.NP_ROWS, C))
+    P = f64_empty((fwd.NP_ROWS, C))
     stats_core(nth, flat(x, c0, B), A, C, CS, B, P, CL, OWNED, SHORT)
     for c in range(C):
         out[0, c0 + c] = P[fwd.MEAN, c]
@@ -176,7 +176,7 @@ def grad_sums(nth, dy, x, y, mean, out, c0, c1):
             out[0, c0 + c] = 0.0
             out[1, c0 + c] = 0.0
         return
-    P = np.empty((bwd.NP_ROWS, C))
+    P = f64_empty((bwd.NP_ROWS, C))
     for c in range(C):
         P[bwd.B_MEAN, c] = mean[c0 + c]
     grad_sums_core(nth, flat(dy, c0, B), flat(x, c0, B), flat(y, c0, B), A, C, CS, B, P, CL, OWNED, SHORT, RELU)

@@ -17,6 +17,7 @@ from fastbn._kernels.intrin import store_fence
 from fastbn._kernels.plan import (SLAB_ELEMS, cf_rows_per_chunk, cl_block, cl_rows_per_chunk,
                                   CL_STREAM_SLAB_ELEMS, LONG_GROUP_BYTES, long_group, n_chunks, slab_channels,
                                   task_channels, task_range)
+from fastbn._kernels.prims import compute_empty, f64_empty, max2, min2, zero_of
 from fastbn._kernels.reduce import cf_chunk_stats, cf_group_stats, cl_chunk_stats
 from fastbn._kernels.rows import act_rows, act_run, act_slabs, act_vec, affine_coefficients
 
@@ -42,9 +43,9 @@ def finish_channel(c, n, m2, eps, P, renorm, rmin, rmax, dmax, coef):
     k = inv * P[GAMMA, c]
     t = P[BETA, c]
     if renorm:
-        s = max(P[RN_STD, c], np.sqrt(eps))
-        rc = min(max(np.sqrt(v + eps) / s, rmin), rmax)
-        dc = min(max((mean - P[RN_MEAN, c]) / s, -dmax), dmax)
+        s = max2(P[RN_STD, c], np.sqrt(eps))
+        rc = min2(max2(np.sqrt(v + eps) / s, rmin), rmax)
+        dc = min2(max2((mean - P[RN_MEAN, c]) / s, -dmax), dmax)
         P[R, c] = rc
         P[D, c] = dc
         k = k * rc
@@ -82,17 +83,17 @@ def tile(coef, C, reps, E):
 @helper
 def stats_task_cl(t, nt, xf, A, C, CS, B, P, part, short):
     """Channels-last: (row chunk, channel block) partials into part[0/1, k, c]."""
-    buf = np.empty((3, SLAB_ELEMS))
+    buf = f64_empty((3, SLAB_ELEMS))
     rpc = cl_rows_per_chunk(A, C)
     cb = cl_block(C)
     nb = n_chunks(C, cb)
-    shift = np.empty(cb)
+    shift = f64_empty(cb)
     u0, u1 = task_range(t, nt, n_chunks(A, rpc) * nb)
     for u in range(u0, u1):
         k = u // nb
         c0 = (u - k * nb) * cb
-        c1 = min(C, c0 + cb)
-        cl_chunk_stats(xf, CS, k * rpc, min(A, (k + 1) * rpc), c0, c1, buf, shift[:c1 - c0], part[0, k, c0:c1],
+        c1 = min2(C, c0 + cb)
+        cl_chunk_stats(xf, CS, k * rpc, min2(A, (k + 1) * rpc), c0, c1, buf, shift[:c1 - c0], part[0, k, c0:c1],
                        part[1, k, c0:c1])
 
 
@@ -100,26 +101,26 @@ def stats_task_cl(t, nt, xf, A, C, CS, B, P, part, short):
 def stats_task_owned(t, nt, xf, A, C, CS, B, P, part, short):
     """Channels-first, owned channels: whole channels (slab groups; long rows: groups of
     plan.long_group, as train_owned_long) into P[MEAN], P[M2]."""
-    buf = np.empty((3, SLAB_ELEMS))
+    buf = f64_empty((3, SLAB_ELEMS))
     G = slab_channels(B) if short else long_group(A, B, xf.itemsize, 1, LONG_GROUP_BYTES)
-    tmp = np.empty((2, G))
+    tmp = f64_empty((2, G))
     lo, hi = task_channels(t, nt, C, B)
     for c0 in range(lo, hi, G):
-        c1 = min(hi, c0 + G)
+        c1 = min2(hi, c0 + G)
         cf_group_stats(xf, A, CS, B, c0, c1, buf, P[MEAN, c0:c1], P[M2, c0:c1], tmp[0], tmp[1], short)
 
 
 @helper
 def stats_task_split(t, nt, xf, A, C, CS, B, P, part, short):
     """Channels-first, few channels: (channel, chunk) partials into part[0/1, c, k]."""
-    buf = np.empty((3, SLAB_ELEMS))
+    buf = f64_empty((3, SLAB_ELEMS))
     rpc = cf_rows_per_chunk(B)
     K = n_chunks(A, rpc)
     u0, u1 = task_range(t, nt, C * K)
     for u in range(u0, u1):
         c = u // K
         k = u - c * K
-        cf_chunk_stats(xf, CS, B, c, c + 1, k * rpc, min(A, (k + 1) * rpc), buf, part[0, c, k:k + 1],
+        cf_chunk_stats(xf, CS, B, c, c + 1, k * rpc, min2(A, (k + 1) * rpc), buf, part[0, c, k:k + 1],
                        part[1, c, k:k + 1], short)
 
 
@@ -144,14 +145,14 @@ def _finish_group(P, coef, c0, c1, n, gst, eps, rmin, rmax, dmax, renorm):
 def train_owned_long(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm,
                      stream):
     # the task's channels in groups (plan.long_group), each read and written row by row
-    buf = np.empty((3, SLAB_ELEMS))
+    buf = f64_empty((3, SLAB_ELEMS))
     G = long_group(A, B, xf.itemsize, 1, LONG_GROUP_BYTES)
-    gst = np.empty((4, G))
-    zero = np.zeros(1, coef.dtype)[0]
+    gst = f64_empty((4, G))
+    zero = zero_of(coef)
     n = float(A * B)
     c0, c1 = task_channels(t, nt, C, B)
     for g0 in range(c0, c1, G):
-        g1 = min(c1, g0 + G)
+        g1 = min2(c1, g0 + G)
         cf_group_stats(xf, A, CS, B, g0, g1, buf, gst[0], gst[1], gst[2], gst[3], False)
         _finish_group(P, coef, g0, g1, n, gst, eps, rmin, rmax, dmax, renorm)
         for a in range(A):
@@ -162,15 +163,15 @@ def train_owned_long(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, d
 def train_owned_short(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, dmax, relu, has_res, renorm,
                       stream):
     G = slab_channels(B)
-    buf = np.empty((3, SLAB_ELEMS))
-    gst = np.empty((4, G))
-    E = np.empty((3, G * B), coef.dtype)
-    zero = np.zeros(1, coef.dtype)[0]
+    buf = f64_empty((3, SLAB_ELEMS))
+    gst = f64_empty((4, G))
+    E = compute_empty((3, G * B), coef)
+    zero = zero_of(coef)
     n = float(A * B)
     g0, g1 = task_range(t, nt, n_chunks(C, G))
     for g in range(g0, g1):
         c0 = g * G
-        c1 = min(C, c0 + G)
+        c1 = min2(C, c0 + G)
         cf_group_stats(xf, A, CS, B, c0, c1, buf, gst[0], gst[1], gst[2], gst[3], True)
         _finish_group(P, coef, c0, c1, n, gst, eps, rmin, rmax, dmax, renorm)
         L = (c1 - c0) * B
@@ -195,7 +196,7 @@ def train_owned_task(t, nt, xf, rf, yf, A, C, CS, B, P, coef, eps, rmin, rmax, d
 
 @helper
 def affine_cl(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream):
-    zero = np.zeros(1, coef.dtype)[0]
+    zero = zero_of(coef)
     r0, r1 = task_range(t, nt, A)
     if not stream:  # row by row, the coefficient rows as they are
         act_rows(xf, rf, yf, r0, r1, C, CS, coef[0], coef[1], coef[2], zero, relu, has_res)
@@ -207,16 +208,16 @@ def affine_cl(t, nt, xf, rf, yf, A, C, CS, B, coef, short, relu, has_res, stream
     # streaming: the task's rows are one contiguous run, written in line-aligned slabs (rows.act_slabs)
     # with the coefficients tiled
     reps = (CL_STREAM_SLAB_ELEMS + C - 1) // C + 1
-    E = np.empty((3, reps * C), coef.dtype)
+    E = compute_empty((3, reps * C), coef)
     tile(coef, C, reps, E)
     act_slabs(xf, rf, yf, r0 * C, r1 * C, C, E, zero, relu, has_res)
 
 
 @helper
 def affine_cf_short(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream):
-    zero = np.zeros(1, coef.dtype)[0]
+    zero = zero_of(coef)
     G = slab_channels(B)
-    E = np.empty((3, G * B), coef.dtype)
+    E = compute_empty((3, G * B), coef)
     p0, p1 = task_range(t, nt, n_chunks(C, G) * A)
     cur = -1
     L = 0
@@ -225,7 +226,7 @@ def affine_cf_short(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream)
         a = p - g * A
         c0 = g * G
         if g != cur:
-            c1 = min(C, c0 + G)
+            c1 = min2(C, c0 + G)
             L = (c1 - c0) * B
             expand(coef, c0, c1, B, E)
             cur = g
@@ -234,12 +235,12 @@ def affine_cf_short(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream)
 
 @helper
 def affine_cf_long(t, nt, xf, rf, yf, A, C, CS, B, coef, relu, has_res, stream):
-    zero = np.zeros(1, coef.dtype)[0]
+    zero = zero_of(coef)
     i0, i1 = task_range(t, nt, A * C)
     i = i0
     while i < i1:  # runs of rows within one row of A: channels c .. e - 1
         c = i % C
-        e = min(C, c + i1 - i)
+        e = min2(C, c + i1 - i)
         act_run(xf, rf, yf, i * B, c, e, B, coef, zero, relu, has_res, stream)
         i += e - c
 

@@ -19,7 +19,7 @@ Every element load in ``rows.py`` / ``reduce.py`` goes through :func:`ld` and ev
   becomes the quiet NaN of its sign, bit for bit what ml_dtypes gives; torch writes +NaN for both).
 
 The per-element arithmetic then runs in the *compute dtype*, float32 for 2-byte data
-(:func:`compute_empty` allocates the coefficient arrays in it), and the statistics in float64 as for
+(``prims.compute_empty`` allocates the coefficient arrays in it), and the statistics in float64 as for
 float32 input.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core.typing import signature
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 _F16_BITS = types.uint16
 _BF16_BITS = types.int16
@@ -111,18 +111,15 @@ def st(typingctx, v, arr):
     return None
 
 
-def compute_empty(shape, x):  # pragma: no cover - replaced by the overload in jitted code
-    """``np.empty(shape)`` in the compute dtype of ``x``'s elements (float32 for 2-byte data)."""
-    raise NotImplementedError
-
-
-@overload(compute_empty, inline="always")
-def _compute_empty(shape, x):
+def compute_dtype(x):
+    """The Numba type of the compute dtype of array type ``x``'s elements (float32 for 2-byte data, the
+    float dtype itself for float arrays; None for anything else): typing-time helper of
+    ``prims.compute_empty`` and ``prims.zero_of``."""
     if isinstance(x, types.Array) and _is_half_bits(x.dtype):
-        return lambda shape, x: np.empty(shape, np.float32)
+        return types.float32
     if isinstance(x, types.Array) and isinstance(x.dtype, types.Float):
-        return lambda shape, x: np.empty(shape, x.dtype)
+        return x.dtype
     return None
 
 
-__all__ = ["ld", "st", "compute_empty"]
+__all__ = ["ld", "st", "compute_dtype"]

@@ -35,6 +35,7 @@ Channels-last
 from __future__ import annotations
 
 from fastbn._jit import helper
+from fastbn._kernels.prims import max2, min2
 
 # Values of one channel per reduction chunk (whole rows). Chunks are merged exactly (Chan), so this only
 # bounds the error of the one-pass shifted sums within a chunk (see reduce.py) and sets how finely a
@@ -91,7 +92,7 @@ def n_chunks(rows, rows_per_chunk):
 
 @helper(inline=True)
 def cf_rows_per_chunk(B):
-    return max(1, CF_CHUNK_ELEMS // B)
+    return max2(1, CF_CHUNK_ELEMS // B)
 
 
 @helper(inline=True)
@@ -105,7 +106,7 @@ def slab_channels(B):
     """Channels per short-row slab (1 for long rows)."""
     if B >= SHORT_ROW:
         return 1
-    return max(1, SLAB_ELEMS // B)
+    return max2(1, SLAB_ELEMS // B)
 
 
 # Channels-first long rows, owned channels: a thread takes its channels in groups, reading a group's rows
@@ -137,7 +138,7 @@ def long_group(A, B, itemsize, arrays, budget):
     ``itemsize`` bytes a value are read, at most ``budget`` bytes of them a group."""
     row = B * itemsize
     g = (LONG_RUN_BYTES + row - 1) // row
-    return max(1, min(g, budget // max(1, arrays * A * row), SLAB_ELEMS))
+    return max2(1, min2(min2(g, budget // max2(1, arrays * A * row)), SLAB_ELEMS))
 
 
 @helper(inline=True)
@@ -146,13 +147,13 @@ def task_channels(t, nt, C, B):
     (``slab_channels``), or channels."""
     S = slab_channels(B)
     g0, g1 = task_range(t, nt, n_chunks(C, S))
-    return g0 * S, min(C, g1 * S)
+    return g0 * S, min2(C, g1 * S)
 
 
 @helper(inline=True)
 def cl_block(C):
     """Channels per channels-last block."""
-    return min(C, SLAB_ELEMS)
+    return min2(C, SLAB_ELEMS)
 
 
 # Outputs of at least this many bytes are written with streaming stores (intrin.stream_store). Below it
@@ -190,15 +191,15 @@ def cl_rows_per_chunk(A, C):
     CL_MAX_ROW_CHUNKS row chunks (fewer when there are many channel blocks or many channels)."""
     cb = cl_block(C)
     nb = n_chunks(C, cb)
-    k = n_chunks(A, max(1, CL_CHUNK_ELEMS // cb))
-    k = min(k, max(1, (CL_MAX_ROW_CHUNKS + nb - 1) // nb), max(1, CL_MAX_PARTIALS // C))
-    return n_chunks(A, max(1, k))
+    k = n_chunks(A, max2(1, CL_CHUNK_ELEMS // cb))
+    k = min2(min2(k, max2(1, (CL_MAX_ROW_CHUNKS + nb - 1) // nb)), max2(1, CL_MAX_PARTIALS // C))
+    return n_chunks(A, max2(1, k))
 
 
 @helper(inline=True)
 def tasks_for(units, threads):
     """Number of tasks for ``units`` independent work units on ``threads`` threads."""
-    return max(1, min(units, threads))
+    return max2(1, min2(units, threads))
 
 
 @helper(inline=True)

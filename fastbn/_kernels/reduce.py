@@ -17,6 +17,7 @@ import numpy as np
 from fastbn._jit import choose, helper
 from fastbn._kernels.half import ld
 from fastbn._kernels.plan import cf_rows_per_chunk
+from fastbn._kernels.prims import min2
 from fastbn._kernels.rows import (chan_merge, grad_sums_rows, grad_sums_run, shifted_sums_rows, shifted_sums_run,
                                  shifted_to_stats)
 
@@ -95,7 +96,7 @@ def cf_group_stats(xf, A, C, B, c0, c1, buf, gm, gq, tm, tq, short):
     g = c1 - c0
     n = 0.0
     for a0 in range(0, A, rpc):
-        a1 = min(A, a0 + rpc)
+        a1 = min2(A, a0 + rpc)
         nb = float((a1 - a0) * B)
         if a0 == 0:
             cf_chunk_stats(xf, C, B, c0, c1, a0, a1, buf, gm, gq, short)
@@ -110,12 +111,12 @@ def cf_group_stats(xf, A, C, B, c0, c1, buf, gm, gq, tm, tq, short):
 def cf_merge_partials(pm, pq, A, B):
     """(mean, M2) of one channel from its chunk partials pm[k], pq[k], merged as cf_group_stats does."""
     rpc = cf_rows_per_chunk(B)
-    n = float(min(A, rpc) * B)
+    n = float(min2(A, rpc) * B)
     m = pm[0]
     q = pq[0]
     for k in range(1, pm.shape[0]):
         a0 = k * rpc
-        nb = float((min(A, a0 + rpc) - a0) * B)
+        nb = float((min2(A, a0 + rpc) - a0) * B)
         _, m, q = chan_merge(n, m, q, nb, pm[k], pq[k])
         n += nb
     return m, q
@@ -168,7 +169,7 @@ def cf_group_grad_sums(dyf, xf, yf, A, C, B, c0, c1, mean, relu, buf, gd, gx, td
         gd[i] = 0.0
         gx[i] = 0.0
     for a0 in range(0, A, rpc):
-        cf_chunk_grad_sums(dyf, xf, yf, C, B, c0, c1, a0, min(A, a0 + rpc), mean, relu, buf, td, tx, short)
+        cf_chunk_grad_sums(dyf, xf, yf, C, B, c0, c1, a0, min2(A, a0 + rpc), mean, relu, buf, td, tx, short)
         for i in range(c1 - c0):
             gd[i] += td[i]
             gx[i] += tx[i]
@@ -213,9 +214,9 @@ def cl_merge_stats(pm, pq, A, rpc, mean, m2):
     for c in range(C):
         mean[c] = pm[0, c]
         m2[c] = pq[0, c]
-    n = float(min(A, rpc))
+    n = float(min2(A, rpc))
     for k in range(1, K):
-        nb = float(min(A, (k + 1) * rpc) - k * rpc)
+        nb = float(min2(A, (k + 1) * rpc) - k * rpc)
         n_ab = n + nb
         w_b = nb / n_ab
         w_ab = n * w_b

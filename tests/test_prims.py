@@ -1,0 +1,133 @@
+"""The kernels' builtins as intrinsics (``fastbn/_kernels/prims.py``): each gives what the builtin it
+replaces gives, and the kernels compile none of Numba's overloads of those builtins.
+
+The last test runs a fresh interpreter on a copy of the package with an empty cache, so that the kernels
+it watches are compiled there, not loaded.
+"""
+import itertools
+import json
+import math
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+from fastbn._kernels.prims import compute_empty, f64_empty, max2, min2, zero_of
+
+TIMEOUT_S = 600
+VALUES = [-2.5, -0.0, 0.0, 1.0, 3.0, math.inf, -math.inf, math.nan]
+
+
+@numba.njit
+def _both_float(a, b):
+    return min2(a, b), min(a, b), max2(a, b), max(a, b)
+
+
+@numba.njit
+def _both_mixed(i, b):
+    return min2(i, b), min(i, b), max2(b, i), max(b, i)
+
+
+@numba.njit
+def _literals(n):
+    # a literal on one side, as in min(C, SLAB_ELEMS): same type and value as the builtin
+    return min2(n, 1024), min(n, 1024), max2(1, n), max(1, n)
+
+
+def _same(a, b):
+    return type(a) is type(b) and (a == b and math.copysign(1, a) == math.copysign(1, b)
+                                   or (a != a and b != b))
+
+
+@pytest.mark.parametrize("a,b", list(itertools.product(VALUES, VALUES)))
+def test_min2_max2_are_the_builtins_on_floats(a, b):
+    m2, m, x2, x = _both_float(a, b)
+    assert _same(m2, m) and _same(x2, x), (a, b, m2, m, x2, x)
+
+
+@pytest.mark.parametrize("i,b", [(3, 2.5), (-1, 0.0), (7, math.nan), (0, -0.0)])
+def test_min2_max2_are_the_builtins_on_mixed_types(i, b):
+    m2, m, x2, x = _both_mixed(i, b)
+    assert _same(m2, m) and _same(x2, x)
+
+
+@pytest.mark.parametrize("n", [0, 5, 1024, 5000, -3])
+def test_min2_max2_with_a_literal(n):
+    m2, m, x2, x = _literals(n)
+    assert (m2, x2) == (m, x) and type(m2) is type(m)
+    assert _literals.nopython_signatures[0].return_type == numba.typeof((1, 1, 1, 1))
+
+
+@numba.njit
+def _allocs(n, x):
+    a = f64_empty((2, n))
+    b = f64_empty(n)
+    c = compute_empty((3, n), x)
+    a[:] = 1.5
+    c[:] = 2.5
+    return a, b, c, zero_of(x)
+
+
+@pytest.mark.parametrize("dtype,compute", [(np.float32, np.float32), (np.float64, np.float64),
+                                           (np.uint16, np.float32), (np.int16, np.float32)])
+def test_allocation_shapes_and_compute_dtypes(dtype, compute):
+    a, b, c, z = _allocs(7, np.zeros(3, dtype))
+    assert a.shape == (2, 7) and a.dtype == np.float64 and a.flags.c_contiguous and (a == 1.5).all()
+    assert b.shape == (7,) and b.dtype == np.float64
+    assert c.shape == (3, 7) and c.dtype == compute and (c == 2.5).all()
+    assert z == 0 and math.copysign(1, z) == 1.0
+    sig = [s for s in _allocs.nopython_signatures if s.args[1].dtype == numba.from_dtype(dtype)][0]
+    assert sig.return_type[3] == numba.from_dtype(compute)  # the zero is typed in the compute dtype
+
+
+def test_allocation_refuses_a_negative_size_like_np_empty():
+    with pytest.raises(ValueError, match="negative dimensions"):
+        _allocs(-1, np.zeros(3, np.float32))
+
+
+def test_no_typing_for_what_is_not_an_array():
+    with pytest.raises(numba.core.errors.TypingError):
+        numba.njit(lambda: zero_of(1.0))()
+
+
+SCRIPT = r'''
+import json
+import numpy as np
+from numba.core import event
+
+names = []
+
+class Listener(event.Listener):
+    def on_start(self, ev):
+        names.append(ev.data["dispatcher"].py_func.__qualname__)
+
+    def on_end(self, ev):
+        pass
+
+event.register("numba:compile", Listener())
+import fastbn
+
+for shape, axis in (((8, 16, 28, 28), 1), ((8, 14, 14, 32), 3), ((8, 32, 7, 7), 1)):
+    x = np.random.default_rng(0).normal(3.0, 2.0, shape).astype(np.float32)
+    y, m, s = fastbn.batch_norm_train(x, axis=axis)
+    fastbn.batch_norm_backward(np.ones_like(x), x, m, s, axis=axis)
+    fastbn.batch_norm_infer(x, m, 1.0 / s**2 - 1e-5, axis=axis)
+print(json.dumps(names))
+'''
+
+
+def test_kernels_compile_no_overload_of_the_builtins(tmp_path):
+    from fastbn._isolated import copy_package, fresh_env
+
+    site = copy_package(tmp_path / "site")
+    env = fresh_env(site, tmp_path, tmp_path / "cache")
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=TIMEOUT_S)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+    names = json.loads(r.stdout.strip().splitlines()[-1])
+    assert any(n.startswith("train__par") for n in names) and any(n.startswith("backward__par") for n in names)
+    builtins = [n for n in names if n.startswith(("ol_min", "ol_max", "ol_np_empty", "ol_np_zeros",
+                                                  "_compute_empty"))]
+    assert builtins == [], builtins
