@@ -14,7 +14,7 @@ import numba
 import numpy as np
 import pytest
 
-from fastbn._kernels.prims import compute_empty, f64_empty, max2, min2, zero_of
+from fastbn._kernels.prims import compute_empty, f64_empty, flat_from, max2, min2, zero_of
 
 TIMEOUT_S = 600
 VALUES = [-2.5, -0.0, 0.0, 1.0, 3.0, math.inf, -math.inf, math.nan]
@@ -90,6 +90,50 @@ def test_allocation_refuses_a_negative_size_like_np_empty():
 def test_no_typing_for_what_is_not_an_array():
     with pytest.raises(numba.core.errors.TypingError):
         numba.njit(lambda: zero_of(1.0))()
+
+
+@numba.njit
+def _flat_write(arr, start):
+    v = flat_from(arr, start)
+    for i in range(v.shape[0]):
+        v[i] = i
+    return v.shape[0]
+
+
+@numba.njit
+def _flat_view(arr, start):
+    return flat_from(arr, start)
+
+
+@pytest.mark.parametrize("start", [0, 1, 7, 23, 24, 30, -2])
+def test_flat_from_is_reshape_then_slice(start):
+    x = np.arange(24.0).reshape(2, 3, 4)
+    v = _flat_view(x, start)
+    ref = x.reshape(x.size)[max(0, min(start, x.size)):]
+    assert v.shape == ref.shape and (v == ref).all()
+    y = np.zeros((2, 3, 4), np.float32)
+    n = _flat_write(y, start)  # a view: writes land in the array
+    assert n == ref.size and (y.reshape(-1)[24 - n:] == np.arange(n)).all() and (y.reshape(-1)[:24 - n] == 0).all()
+
+
+def test_flat_from_keeps_read_only_and_the_base_alive():
+    x = np.arange(12.0).reshape(3, 4, 1)
+    x.flags.writeable = False
+    v = _flat_view(x, 4)
+    assert not v.flags.writeable and (v == np.arange(4.0, 12.0)).all()
+    v = _flat_view(np.arange(10.0).reshape(2, 5, 1), 3)  # its array is gone: the view holds it
+    assert (v == np.arange(3.0, 10.0)).all()
+
+
+def test_flat_from_checks_arrays_not_typed_contiguous():
+    f = numba.njit("float64[:](float64[:, :, :], int64)")(lambda a, s: flat_from(a, s))  # layout 'A'
+    x = np.arange(48.0).reshape(2, 6, 4)
+    assert (f(x, 5) == x.reshape(-1)[5:]).all()  # C-contiguous at run time: accepted
+    assert (f(x[:1], 2) == x[:1].reshape(-1)[2:]).all()
+    assert (f(x[:, 2:3, :][:1], 0) == x[0, 2]).all()  # extents of 1 need no particular stride
+    for bad in (x[:, :3, :], x[:, :1, :], np.asfortranarray(x), x[:, :, ::2]):
+        with pytest.raises(ValueError, match="C-contiguous"):
+            f(bad, 0)
 
 
 SCRIPT = r'''

@@ -25,7 +25,7 @@ from fastbn._kernels import bwd, fwd
 from fastbn._kernels.core import (affine_core, backward_owned_core, backward_two_pass_core, grad_apply_core,
                                   grad_sums_core, stats_core, train_owned_core, train_two_pass_core)
 from fastbn._kernels.intrin import opaque
-from fastbn._kernels.prims import compute_empty, f64_empty
+from fastbn._kernels.prims import compute_empty, f64_empty, flat_from
 from fastbn._kernels.rows import affine_coefficients
 
 # compile-time flags (see _jit.Kernel): each variant of a kernel freezes its own values. CL, OWNED and
@@ -47,7 +47,7 @@ def window(CS, c0, c1):
 @helper(inline=True)
 def flat(arr, c0, B):
     """arr (C-contiguous (A, C, B)) as a flat view starting at channel c0 of its first row."""
-    return arr.reshape(arr.size)[c0 * B:]
+    return flat_from(arr, c0 * B)
 
 
 @kernel("CL", "OWNED", "SHORT", "RELU", "HAS_RES", "RENORM", "STREAM")
