@@ -87,6 +87,11 @@ def test_allocation_refuses_a_negative_size_like_np_empty():
         _allocs(-1, np.zeros(3, np.float32))
 
 
+def test_allocation_refuses_a_size_that_overflows_like_np_empty():
+    with pytest.raises(ValueError, match="array is too big"):
+        _allocs(2**61, np.zeros(3, np.float32))
+
+
 def test_no_typing_for_what_is_not_an_array():
     with pytest.raises(numba.core.errors.TypingError):
         numba.njit(lambda: zero_of(1.0))()

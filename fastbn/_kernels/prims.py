@@ -10,7 +10,13 @@ and a run-time int), and so are ``min(C, c0 + cb)`` and ``min(A, (k + 1) * rpc)`
 literal. The first float32 training forward, backward and inference compiled 19 of them (0.5 s of CPU
 in a cold run of 7.3 s, measured with a timer on each compile). An intrinsic costs its typing and a few
 LLVM instructions in its caller, nothing else. ``reshape`` is no overload but a helper Numba compiles
-through its whole pipeline as well (``normalize_reshape_value``: 0.11 s).
+through its whole pipeline as well (``normalize_reshape_value``: 0.11 s), and links into every kernel,
+which optimizes it again.
+
+Measured (``examples/jit_profile.py``, cold runs rotating between commits, 8 rounds each on a loaded
+machine): the first float32 training forward, backward and inference took medians of 7.02 -> 6.50 ->
+5.36 s (the overloads gone, then ``reshape``), LLVM 1.85 -> 1.65 -> 1.27 s; in a second set 7.15 s
+before both against 6.03 s after (per-round ratios 0.70-1.02, median 0.80).
 
 Each gives exactly the code of the builtin it replaces (the same comparison and select, the same
 allocation call), so no result changes: ``min2(a, b)`` is ``b if b < a else a`` and ``max2(a, b)``
