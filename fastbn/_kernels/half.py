@@ -24,7 +24,6 @@ float32 input.
 """
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core.typing import signature
