@@ -1,3 +1,7 @@
+import json
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -24,6 +28,23 @@ def at_line_offset(n, dtype, offset_bytes):
     buf = np.empty(n + 64 // dtype.itemsize + 1, dtype)
     o = ((offset_bytes - buf.ctypes.data) % 64) // dtype.itemsize
     return buf[o:o + n]
+
+
+def cold_env(tmp_path):
+    """The environment of a fresh interpreter running a copy of fastbn with an empty compile cache, all
+    under ``tmp_path`` (``fastbn._isolated``): what it compiles, it compiles there, not loads."""
+    from fastbn._isolated import copy_package, fresh_env
+
+    return fresh_env(copy_package(tmp_path / "site"), tmp_path, tmp_path / "cache")
+
+
+def run_json(script, env, cwd, *args, timeout=600):
+    """Run ``python -c script *args`` in ``env`` (a subprocess with a timeout, so a hang fails the test)
+    and return the JSON of its last stdout line; fails the test if it exits non-zero."""
+    r = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture

@@ -6,13 +6,8 @@ path.
 Fresh interpreters on a copy of the package with an empty cache (``fastbn._isolated``), each with a
 timeout. Results are checked against the float64 NumPy reference of ``tests/naive.py``.
 """
-import json
-import subprocess
-import sys
-
 import numpy as np
-
-from fastbn._isolated import copy_package, fresh_env
+from conftest import cold_env, run_json
 
 TIMEOUT_S = 600
 
@@ -62,17 +57,13 @@ print(json.dumps({"helpers": helpers, "hits": hits, "kernels": kernels, "user": 
 
 
 def _run(mode, out, env, cwd):
-    r = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(out)], env=env, cwd=cwd, capture_output=True,
-                       text=True, timeout=TIMEOUT_S)
-    assert r.returncode == 0, f"{mode}: exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json(SCRIPT, env, cwd, mode, out, timeout=TIMEOUT_S)
 
 
 def test_helpers_get_no_machine_code_and_their_bitcode_entries_link(tmp_path):
     from naive import train_forward
 
-    site = copy_package(tmp_path / "site")
-    env = fresh_env(site, tmp_path, tmp_path / "cache")
+    env = cold_env(tmp_path)
     x = np.random.default_rng(0).normal(3.0, 2.0, (8, 16, 32, 32)).astype(np.float32)
     ref = train_forward(x.astype(np.float64))[0]
 

@@ -5,13 +5,10 @@ The first tests compile small functions in this process (nothing cached). The la
 interpreter on a copy of the package with an empty cache, so that the row writer it inspects is compiled
 there, not loaded.
 """
-import json
-import subprocess
-import sys
-
 import numba
 import numpy as np
 import pytest
+from conftest import cold_env, run_json
 from numba.core.errors import TypingError
 
 from fastbn import _pipeline
@@ -84,13 +81,6 @@ print(json.dumps({"err": out, "typed": typed}))
 
 
 def test_the_streaming_store_loop_is_typed_only_in_streaming_variants(tmp_path):
-    from fastbn._isolated import copy_package, fresh_env
-
-    site = copy_package(tmp_path / "site")
-    env = fresh_env(site, tmp_path, tmp_path / "cache")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=TIMEOUT_S)
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = run_json(SCRIPT, cold_env(tmp_path), tmp_path, timeout=TIMEOUT_S)
     assert res["err"]["False"] < 1e-12 and res["err"]["True"] < 1e-12
     assert res["typed"] == {"Literal[bool](False)": False, "Literal[bool](True)": True}

@@ -5,14 +5,12 @@ The last test runs a fresh interpreter on a copy of the package with an empty ca
 it watches are compiled there, not loaded.
 """
 import itertools
-import json
 import math
-import subprocess
-import sys
 
 import numba
 import numpy as np
 import pytest
+from conftest import cold_env, run_json
 
 from fastbn._kernels.prims import compute_empty, f64_empty, flat_from, max2, min2, zero_of
 
@@ -168,14 +166,7 @@ print(json.dumps(names))
 
 
 def test_kernels_compile_no_overload_of_the_builtins(tmp_path):
-    from fastbn._isolated import copy_package, fresh_env
-
-    site = copy_package(tmp_path / "site")
-    env = fresh_env(site, tmp_path, tmp_path / "cache")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=TIMEOUT_S)
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
-    names = json.loads(r.stdout.strip().splitlines()[-1])
+    names = run_json(SCRIPT, cold_env(tmp_path), tmp_path, timeout=TIMEOUT_S)
     assert any(n.startswith("train__par") for n in names) and any(n.startswith("backward__par") for n in names)
     builtins = [n for n in names if n.startswith(("ol_min", "ol_max", "ol_np_empty", "ol_np_zeros",
                                                   "_compute_empty"))]
